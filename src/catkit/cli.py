@@ -1,0 +1,207 @@
+"""The ``catkit`` command: demo | train | generate | bench | info."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import os
+import platform
+import sys
+
+from catkit import __version__, env
+
+OP_FAMILIES = ["delta_rule", "sparse_attention", "quant", "ngram"]
+
+
+def _parse_overrides(pairs: list[str]) -> tuple[dict, dict]:
+    """``key=value`` pairs; ``model.<field>`` goes to ModelConfig, anything else to TrainConfig."""
+    model, train = {}, {}
+    for pair in pairs:
+        if "=" not in pair:
+            raise SystemExit(f"--set: expected key=value, got {pair!r}")
+        key, raw = pair.split("=", 1)
+        try:
+            value = json.loads(raw)
+        except json.JSONDecodeError:
+            value = raw
+        if key.startswith("model."):
+            model[key[6:]] = value
+        else:
+            train[key] = value
+    return model, train
+
+
+def cmd_info(args) -> int:
+    import torch
+
+    from catkit.utils.triton_utils import interpreted, triton_available
+
+    print(f"catkit {__version__}")
+    print(f"python {platform.python_version()}  torch {torch.__version__}")
+    if triton_available():
+        import triton
+
+        mode = "interpreted (TRITON_INTERPRET=1)" if interpreted() else ("compiled" if torch.cuda.is_available() else "no GPU: kernels need TRITON_INTERPRET=1")
+        print(f"triton {triton.__version__}: {mode}")
+    else:
+        print("triton: not installed (kernels fall back to PyTorch references where they have one)")
+    if torch.cuda.is_available():
+        p = torch.cuda.get_device_properties(0)
+        print(f"device: cuda, {torch.cuda.device_count()} x {p.name} ({p.total_memory / 2**30:.0f} GiB, sm_{p.major}{p.minor})")
+    else:
+        print(f"device: cpu ({os.cpu_count()} cores)")
+    print("kernels:")
+    for fam in OP_FAMILIES:
+        try:
+            importlib.import_module(f"catkit.ops.{fam}")
+            if not triton_available():
+                status = "reference (naive.py) only: triton is not installed"
+            elif torch.cuda.is_available() and not interpreted():
+                status = "Triton, compiled"
+            elif interpreted():
+                status = "Triton, interpreted on CPU (slow; for tests)"
+            else:
+                status = "Triton kernels need a CUDA GPU or TRITON_INTERPRET=1"
+        except ImportError as e:
+            status = f"not built yet ({e.name or e})"
+        print(f"  {fam:18s} {status}")
+    return 0
+
+
+def cmd_train(args) -> int:
+    from catkit.train import Trainer, preset
+
+    model_cfg, train_cfg = preset(args.preset)
+    mo, to = _parse_overrides(args.set or [])
+    try:
+        model_cfg = model_cfg.replace(**mo)
+        train_cfg = type(train_cfg).from_dict({**train_cfg.to_dict(), **to})
+    except TypeError as e:
+        raise SystemExit(f"--set: {e}")
+    out = args.out or os.path.join(env.runs_dir(), args.preset)
+    trainer = Trainer(model_cfg, train_cfg, out, progress=not args.no_progress)
+    try:
+        res = trainer.fit(resume=args.resume)
+    except KeyboardInterrupt:
+        print(f"\ninterrupted at step {trainer.step}; the last complete checkpoint under {out}/checkpoints is intact")
+        return 130
+    if trainer.rank == 0:
+        print(json.dumps({"run_dir": res.run_dir, "steps": res.steps, "first_val_loss": res.first_val_loss,
+                          "final_val_loss": res.final_val_loss, "seconds": round(res.seconds, 1)}))
+    return 0
+
+
+def cmd_generate(args) -> int:
+    import torch
+
+    from catkit.data import ByteTokenizer
+    from catkit.models import CatModel, ModelConfig
+    from catkit.train import checkpoint as ckpt
+
+    path = args.checkpoint
+    if os.path.isdir(os.path.join(path, "checkpoints")):
+        path = ckpt.latest_checkpoint(os.path.join(path, "checkpoints"))
+        if path is None:
+            raise SystemExit(f"--checkpoint: no complete checkpoint under {args.checkpoint}")
+    try:
+        state = ckpt.read_state(path)
+        model = CatModel(ModelConfig.from_dict(state["model_config"]))
+        ckpt.load_weights(path, model)
+    except ckpt.CheckpointError as e:
+        raise SystemExit(str(e))
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model = model.to(device).eval()
+    tok = ByteTokenizer()
+    ids = torch.tensor([tok.encode(args.prompt)], device=device)
+    g = torch.Generator(device=device).manual_seed(args.seed)
+    n = min(args.max_tokens, model.cfg.max_seq_len - ids.shape[1])
+    try:
+        out = model.generate(ids, n, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, generator=g)
+    except ValueError as e:
+        raise SystemExit(str(e))
+    print(tok.decode(out[0].tolist()))
+    return 0
+
+
+def cmd_bench(args) -> int:
+    from catkit.bench.registry import load_suites, run_suite
+
+    suites = load_suites()
+    if args.list or not args.suite:
+        for s in suites.values():
+            print(f"{s.name:20s} {'[gpu] ' if s.needs_gpu else ''}{s.help}")
+        return 0
+    ok = True
+    for name in args.suite:
+        try:
+            ok &= run_suite(name, quick=args.quick, out_dir=args.out)["ok"]
+        except (ValueError, RuntimeError) as e:
+            print(f"bench {name}: {e}", file=sys.stderr)
+            return 2
+    return 0 if ok else 1
+
+
+def cmd_demo(args) -> int:
+    from catkit.train.demo import run_demo
+
+    s = run_demo(args.out, preset_name=args.preset, steps=args.steps, progress=not args.no_progress)
+    print(f"\n{s['preset']} on {s['device']}: {s['params']:,} parameters, {s['steps']} steps in {s['train_seconds']} s")
+    print(f"validation loss {s['first_val_loss']:.3f} -> {s['final_val_loss']:.3f} (nats/byte)")
+    print(f"report: {os.path.join(args.out, 'report.md')}  plot: {s['plot']}")
+    print("sample:\n" + s["sample"])
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="catkit", description=__doc__)
+    p.add_argument("--version", action="version", version=f"catkit {__version__}")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    sub.add_parser("info", help="versions, device, kernels").set_defaults(fn=cmd_info)
+
+    d = sub.add_parser("demo", help="train a small model on the built-in corpus, plot, report, sample")
+    d.add_argument("--out", default=os.path.join(env.runs_dir(), "demo"), help="run directory (replaced)")
+    d.add_argument("--preset", default=None, help="default: small on a GPU, tiny on CPU")
+    d.add_argument("--steps", type=int, default=None)
+    d.add_argument("--no-progress", action="store_true")
+    d.set_defaults(fn=cmd_demo)
+
+    t = sub.add_parser("train", help="train a preset; torchrun for data parallel")
+    t.add_argument("--preset", default="tiny")
+    t.add_argument("--out", default=None, help="run directory (default runs/<preset>)")
+    t.add_argument("--set", nargs="*", metavar="KEY=VALUE", help="overrides, e.g. steps=100 model.d_model=256")
+    t.add_argument("--resume", action="store_true", help="continue from the run directory's latest checkpoint")
+    t.add_argument("--no-progress", action="store_true")
+    t.set_defaults(fn=cmd_train)
+
+    g = sub.add_parser("generate", help="sample from a trained checkpoint")
+    g.add_argument("--checkpoint", required=True, help="run directory or checkpoint directory")
+    g.add_argument("--prompt", default="def ")
+    g.add_argument("--max-tokens", type=int, default=200)
+    g.add_argument("--temperature", type=float, default=0.8)
+    g.add_argument("--top-k", type=int, default=None)
+    g.add_argument("--top-p", type=float, default=None)
+    g.add_argument("--seed", type=int, default=0)
+    g.set_defaults(fn=cmd_generate)
+
+    b = sub.add_parser("bench", help="run benchmark suites (catkit vs its anchor)")
+    b.add_argument("suite", nargs="*")
+    b.add_argument("--quick", action="store_true", help="smallest sizes only")
+    b.add_argument("--out", default="benchmarks/results", help="where the JSON goes")
+    b.add_argument("--list", action="store_true")
+    b.set_defaults(fn=cmd_bench)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.fn(args)
+    except ValueError as e:
+        print(f"catkit {args.command}: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
