@@ -36,14 +36,18 @@ def _doc_tensors(docs, tokenizer, name: str = "docs") -> list[torch.Tensor]:
                 # Byte ids are the bytes themselves: frombuffer skips a Python list of ints,
                 # which matters for a 10 MB corpus.
                 raw = bytearray(doc)
-                t = torch.frombuffer(raw, dtype=torch.uint8).to(torch.int64) if raw else torch.zeros(0, dtype=torch.int64)
+                t = torch.zeros(0, dtype=torch.int64)
+                if raw:
+                    t = torch.frombuffer(raw, dtype=torch.uint8).to(torch.int64)
             else:
                 t = torch.tensor(tok.encode_bytes(bytes(doc)), dtype=torch.int64)
         elif isinstance(doc, str):
             t = torch.tensor(tok.encode(doc), dtype=torch.int64)
         elif isinstance(doc, torch.Tensor):
             if doc.ndim != 1 or doc.is_floating_point() or doc.is_complex():
-                raise ValueError(f"{name}: document {i} must be a 1-D integer tensor, got {doc.dtype} {tuple(doc.shape)}")
+                raise ValueError(
+                    f"{name}: document {i} must be a 1-D integer tensor, got {doc.dtype} {tuple(doc.shape)}"
+                )
             t = doc.to(device="cpu", dtype=torch.int64)
         else:
             try:

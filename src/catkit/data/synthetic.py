@@ -93,7 +93,9 @@ def mqar(
         num_queries = num_kv_pairs
     _check_int("num_queries", num_queries, 1)
     if num_queries > num_kv_pairs:
-        raise ValueError(f"num_queries: at most num_kv_pairs={num_kv_pairs} distinct keys can be queried, got {num_queries}")
+        raise ValueError(
+            f"num_queries: at most num_kv_pairs={num_kv_pairs} distinct keys can be queried, got {num_queries}"
+        )
     _check_int("seq_len", seq_len, 1)
     if seq_len < 2 * num_kv_pairs + 2 * num_queries:
         raise ValueError(
