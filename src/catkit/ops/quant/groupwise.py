@@ -1,0 +1,352 @@
+"""Group-wise asymmetric int8/int4 quantization as Triton kernels (definition: ``naive.py``).
+
+Levels, top to bottom: ``@triton.jit`` kernels (a quantize-a-tile helper shared by the quantize
+kernel and the fused dequantize-sum-requantize kernel the all-reduce uses); host launchers
+``quantize_fwd`` / ``dequantize_fwd`` / ``reduce_requantize_fwd``; one autograd Function (fake
+quantization with a straight-through gradient); the public functions.
+
+Where the kernels cannot run (CPU tensors without ``TRITON_INTERPRET=1``, no Triton), every
+launcher falls back to ``naive.py``, which defines the same bytes; so callers never branch.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from catkit.ops.quant import naive
+from catkit.ops.quant.layout import QTensor, QuantLayout, check_quant_args, row_length
+from catkit.utils.device import check_tensor
+from catkit.utils.triton_utils import kernel_device_ok, triton_available
+
+if triton_available():
+    import triton
+    import triton.language as tl
+else:  # pragma: no cover - non-Linux installs
+    triton = None
+
+_FLOAT_IN = (torch.float32, torch.float16, torch.bfloat16)
+
+
+if triton is not None:
+
+    @triton.jit
+    def _not_finite(v):
+        # |v| < inf is False for both NaN and +-Inf; works the same compiled and interpreted.
+        return tl.where(tl.abs(v) < float("inf"), 0, 1) > 0
+
+    @triton.jit
+    def _quant_tile(x, valid, k, META: tl.constexpr, QMAX: tl.constexpr, G: tl.constexpr, SPIKE: tl.constexpr):
+        """Quantize a [GB, G] fp32 tile (absent values masked by ``valid``); see naive.py."""
+        kk = k[None, :]
+        bad = tl.max(tl.where(valid & _not_finite(x), 1, 0), axis=1) > 0
+        rest = valid
+        lo_r = tl.zeros_like(bad).to(tl.float32)
+        hi_r = lo_r
+        i_lo = tl.zeros_like(bad).to(tl.int32) + G
+        i_hi = i_lo
+        if SPIKE:
+            mx_all = tl.max(tl.where(valid, x, -float("inf")), axis=1)
+            i_hi = tl.min(tl.where(valid & (x == mx_all[:, None]), kk, G), axis=1)
+            rest = valid & (kk != i_hi[:, None])
+            mn_all = tl.min(tl.where(rest, x, float("inf")), axis=1)
+            i_lo = tl.min(tl.where(rest & (x == mn_all[:, None]), kk, G), axis=1)
+            rest = rest & (kk != i_lo[:, None])
+            # a one-hot masked sum is the gather of the spike value (0 when there is none)
+            lo_r = tl.sum(tl.where(kk == i_lo[:, None], x, 0.0), axis=1).to(META).to(tl.float32)
+            hi_r = tl.sum(tl.where(kk == i_hi[:, None], x, 0.0), axis=1).to(META).to(tl.float32)
+            bad = bad | _not_finite(lo_r) | _not_finite(hi_r)
+        nonempty = tl.max(tl.where(rest, 1, 0), axis=1) > 0
+        mn = tl.where(nonempty, tl.min(tl.where(rest, x, float("inf")), axis=1), 0.0)
+        mx = tl.where(nonempty, tl.max(tl.where(rest, x, -float("inf")), axis=1), 0.0)
+        # quantize against the *stored* (rounded) min and scale so decoding sees the same numbers
+        mn_r = mn.to(META).to(tl.float32)
+        s_r = (mx / QMAX - mn_r / QMAX).to(META).to(tl.float32)
+        bad = bad | _not_finite(mn_r) | _not_finite(s_r)
+        pos = s_r > 0
+        inv = tl.where(pos, 1.0 / tl.where(pos, s_r, 1.0), 0.0)
+        q = tl.floor((x - mn_r[:, None]) * inv[:, None] + 0.5)
+        q = tl.minimum(tl.maximum(q, 0.0), QMAX)
+        q = tl.where(rest & (bad == 0)[:, None], q, 0.0).to(tl.int32)
+        return q, mn_r, s_r, lo_r, hi_r, i_lo, i_hi, bad
+
+    @triton.jit
+    def _store_tile(buf_ptr, meta_ptr, idx_ptr, q, mn_r, s_r, lo_r, hi_r, i_lo, i_hi, bad, r, j, gmask,
+                    row_bytes, row_meta, scale_m, min_m, lo_m, hi_m, row_idx, ilo_i, ihi_i,
+                    G: tl.constexpr, GB: tl.constexpr, BITS: tl.constexpr, SPIKE: tl.constexpr):
+        META = meta_ptr.dtype.element_ty
+        CB: tl.constexpr = G * BITS // 8
+        base = r * row_bytes + j * CB
+        if BITS == 8:
+            kb = tl.arange(0, G)
+            tl.store(buf_ptr + base[:, None] + kb[None, :], q.to(tl.uint8), mask=gmask[:, None])
+        else:
+            q_even, q_odd = tl.split(tl.reshape(q, [GB, G // 2, 2]))
+            kb = tl.arange(0, G // 2)
+            tl.store(buf_ptr + base[:, None] + kb[None, :], (q_even | (q_odd << 4)).to(tl.uint8),
+                     mask=gmask[:, None])
+        nan = float("nan")
+        mrow = r * row_meta + j
+        tl.store(meta_ptr + mrow + scale_m, tl.where(bad, nan, s_r).to(META), mask=gmask)
+        tl.store(meta_ptr + mrow + min_m, tl.where(bad, nan, mn_r).to(META), mask=gmask)
+        if SPIKE:
+            tl.store(meta_ptr + mrow + lo_m, tl.where(bad, nan, lo_r).to(META), mask=gmask)
+            tl.store(meta_ptr + mrow + hi_m, tl.where(bad, nan, hi_r).to(META), mask=gmask)
+            irow = r * row_idx + j
+            tl.store(idx_ptr + irow + ilo_i, tl.where(bad | (i_lo >= G), -1, i_lo).to(tl.int16), mask=gmask)
+            tl.store(idx_ptr + irow + ihi_i, tl.where(bad | (i_hi >= G), -1, i_hi).to(tl.int16), mask=gmask)
+
+    @triton.jit
+    def _decode_tile(buf_ptr, meta_ptr, idx_ptr, r, j, gmask,
+                     row_bytes, row_meta, scale_m, min_m, lo_m, hi_m, row_idx, ilo_i, ihi_i,
+                     G: tl.constexpr, GB: tl.constexpr, BITS: tl.constexpr, SPIKE: tl.constexpr):
+        """Decode groups ``j`` of rows ``r`` into a [GB, G] fp32 tile."""
+        CB: tl.constexpr = G * BITS // 8
+        base = r * row_bytes + j * CB
+        if BITS == 8:
+            kb = tl.arange(0, G)
+            q = tl.load(buf_ptr + base[:, None] + kb[None, :], mask=gmask[:, None], other=0).to(tl.int32)
+        else:
+            kb = tl.arange(0, G // 2)
+            b = tl.load(buf_ptr + base[:, None] + kb[None, :], mask=gmask[:, None], other=0).to(tl.int32)
+            q = tl.reshape(tl.join(b & 15, b >> 4), [GB, G])
+        mrow = r * row_meta + j
+        s = tl.load(meta_ptr + mrow + scale_m, mask=gmask, other=0.0).to(tl.float32)
+        m = tl.load(meta_ptr + mrow + min_m, mask=gmask, other=0.0).to(tl.float32)
+        y = q.to(tl.float32) * s[:, None] + m[:, None]
+        if SPIKE:
+            kk = tl.arange(0, G)[None, :]
+            irow = r * row_idx + j
+            lo = tl.load(meta_ptr + mrow + lo_m, mask=gmask, other=0.0).to(tl.float32)
+            hi = tl.load(meta_ptr + mrow + hi_m, mask=gmask, other=0.0).to(tl.float32)
+            i_lo = tl.load(idx_ptr + irow + ilo_i, mask=gmask, other=-1).to(tl.int32)
+            i_hi = tl.load(idx_ptr + irow + ihi_i, mask=gmask, other=-1).to(tl.int32)
+            y = tl.where(kk == i_lo[:, None], lo[:, None], y)
+            y = tl.where(kk == i_hi[:, None], hi[:, None], y)
+        return y
+
+    @triton.jit
+    def _quant_kernel(x_ptr, buf_ptr, meta_ptr, idx_ptr, n_valid, n_groups, gpr,
+                      row_bytes, row_meta, scale_m, min_m, lo_m, hi_m, row_idx, ilo_i, ihi_i,
+                      G: tl.constexpr, GB: tl.constexpr, BITS: tl.constexpr, SPIKE: tl.constexpr):
+        g = tl.program_id(0) * GB + tl.arange(0, GB)
+        gmask = g < n_groups
+        g = tl.cast(g, tl.int64)
+        r, j = g // gpr, g % gpr
+        k = tl.arange(0, G)
+        offs = g[:, None] * G + k[None, :]
+        valid = gmask[:, None] & (offs < n_valid)
+        x = tl.load(x_ptr + offs, mask=valid, other=0.0).to(tl.float32)
+        q, mn_r, s_r, lo_r, hi_r, i_lo, i_hi, bad = _quant_tile(
+            x, valid, k, meta_ptr.dtype.element_ty, (1 << BITS) - 1, G, SPIKE)
+        _store_tile(buf_ptr, meta_ptr, idx_ptr, q, mn_r, s_r, lo_r, hi_r, i_lo, i_hi, bad, r, j, gmask,
+                    row_bytes, row_meta, scale_m, min_m, lo_m, hi_m, row_idx, ilo_i, ihi_i, G, GB, BITS, SPIKE)
+
+    @triton.jit
+    def _dequant_kernel(buf_ptr, meta_ptr, idx_ptr, out_ptr, n_out, n_groups, gpr, rows,
+                        row_bytes, row_meta, scale_m, min_m, lo_m, hi_m, row_idx, ilo_i, ihi_i,
+                        G: tl.constexpr, GB: tl.constexpr, BITS: tl.constexpr, SPIKE: tl.constexpr,
+                        REDUCE: tl.constexpr):
+        g = tl.program_id(0) * GB + tl.arange(0, GB)
+        k = tl.arange(0, G)
+        if REDUCE:  # g indexes groups of one row; sum that group over every row in fp32
+            gmask = g < gpr
+            j = tl.cast(g, tl.int64)
+            acc = tl.zeros([GB, G], dtype=tl.float32)
+            for r in range(0, rows):
+                acc += _decode_tile(buf_ptr, meta_ptr, idx_ptr, tl.cast(r, tl.int64), j, gmask,
+                                    row_bytes, row_meta, scale_m, min_m, lo_m, hi_m, row_idx, ilo_i, ihi_i,
+                                    G, GB, BITS, SPIKE)
+            offs = j[:, None] * G + k[None, :]
+        else:
+            gmask = g < n_groups
+            g = tl.cast(g, tl.int64)
+            acc = _decode_tile(buf_ptr, meta_ptr, idx_ptr, g // gpr, g % gpr, gmask,
+                               row_bytes, row_meta, scale_m, min_m, lo_m, hi_m, row_idx, ilo_i, ihi_i,
+                               G, GB, BITS, SPIKE)
+            offs = g[:, None] * G + k[None, :]
+        tl.store(out_ptr + offs, acc.to(out_ptr.dtype.element_ty), mask=gmask[:, None] & (offs < n_out))
+
+    @triton.jit
+    def _reduce_requant_kernel(
+            buf_ptr, meta_ptr, idx_ptr, rows, gpr,
+            row_bytes, row_meta, scale_m, min_m, lo_m, hi_m, row_idx, ilo_i, ihi_i,
+            obuf_ptr, ometa_ptr, oidx_ptr, n_valid,
+            orow_bytes, orow_meta, oscale_m, omin_m, olo_m, ohi_m, orow_idx, oilo_i, oihi_i,
+            G: tl.constexpr, GB: tl.constexpr, BITS: tl.constexpr, SPIKE: tl.constexpr,
+            OBITS: tl.constexpr, OSPIKE: tl.constexpr):
+        # The all-reduce's middle step in one pass: the fp32 sum never leaves registers.
+        g = tl.program_id(0) * GB + tl.arange(0, GB)
+        gmask = g < gpr
+        j = tl.cast(g, tl.int64)
+        k = tl.arange(0, G)
+        acc = tl.zeros([GB, G], dtype=tl.float32)
+        for r in range(0, rows):
+            acc += _decode_tile(buf_ptr, meta_ptr, idx_ptr, tl.cast(r, tl.int64), j, gmask,
+                                row_bytes, row_meta, scale_m, min_m, lo_m, hi_m, row_idx, ilo_i, ihi_i,
+                                G, GB, BITS, SPIKE)
+        valid = gmask[:, None] & ((j[:, None] * G + k[None, :]) < n_valid)
+        q, mn_r, s_r, lo_r, hi_r, i_lo, i_hi, bad = _quant_tile(
+            acc, valid, k, ometa_ptr.dtype.element_ty, (1 << OBITS) - 1, G, OSPIKE)
+        _store_tile(obuf_ptr, ometa_ptr, oidx_ptr, q, mn_r, s_r, lo_r, hi_r, i_lo, i_hi, bad, j * 0, j, gmask,
+                    orow_bytes, orow_meta, oscale_m, omin_m, olo_m, ohi_m, orow_idx, oilo_i, oihi_i,
+                    G, GB, OBITS, OSPIKE)
+
+
+# ----------------------------------------------------------------------------- host launchers
+
+def _groups_per_program(group_size: int, n_groups: int) -> int:
+    # ~2K values per program: big enough to amortize the per-group reductions, small enough
+    # for registers; never more groups than exist (fewer interpreter programs on CPU).
+    gb = max(1, 2048 // group_size)
+    return max(1, min(gb, triton.next_power_of_2(max(1, n_groups))))
+
+
+def _layout_args(q: QTensor):
+    """(buffer, meta view, idx view) plus the row strides and section offsets in element units."""
+    L = q.layout
+    ms = L.meta_size
+    flat = q.data.view(-1)
+    meta = flat.view(L.meta_dtype)
+    idx = flat.view(torch.int16)
+    args = (L.row_bytes, L.row_bytes // ms, L.scale_off // ms, L.min_off // ms, L.lo_off // ms, L.hi_off // ms,
+            L.row_bytes // 2, L.idx_lo_off // 2, L.idx_hi_off // 2)
+    return (flat, meta, idx), args
+
+
+def new_qtensor(rows: int, layout: QuantLayout, device, numel: int) -> QTensor:
+    """An uninitialized buffer: kernels write every field; only the alignment tail stays undefined."""
+    return QTensor(torch.empty(rows, layout.row_bytes, dtype=torch.uint8, device=device), layout, numel)
+
+
+def quantize_fwd(x: torch.Tensor, layout: QuantLayout, rows: int, n_valid: int, out: QTensor | None = None) -> QTensor:
+    """Quantize the first ``n_valid`` values of contiguous ``x`` into ``rows`` rows of ``layout``."""
+    if out is None:
+        out = new_qtensor(rows, layout, x.device, n_valid)
+    if not kernel_device_ok(x, out.data):
+        ref = naive.quantize(x, layout.bits, layout.group_size, rows=rows, n_valid=n_valid,
+                             spike_reserve=layout.spike_reserve, meta_dtype=layout.meta_dtype)
+        out.data.copy_(ref.data)
+        return out
+    n_groups = rows * layout.groups
+    gb = _groups_per_program(layout.group_size, n_groups)
+    ptrs, args = _layout_args(out)
+    _quant_kernel[(triton.cdiv(n_groups, gb),)](
+        x.reshape(-1), *ptrs, n_valid, n_groups, layout.groups, *args,
+        G=layout.group_size, GB=gb, BITS=layout.bits, SPIKE=layout.spike_reserve, num_warps=4)
+    return out
+
+
+def dequantize_fwd(q: QTensor, *, reduce_rows: bool = False, out: torch.Tensor | None = None,
+                   out_dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Decode ``q`` into ``out`` (flat ``[numel]``) or, with ``reduce_rows``, its fp32 row sum ``[n]``."""
+    L = q.layout
+    n_out = L.n if reduce_rows else q.numel
+    if out is None:
+        out = torch.empty(n_out, dtype=torch.float32 if reduce_rows else out_dtype, device=q.data.device)
+    if not kernel_device_ok(q.data, out):
+        out.view(-1).copy_(naive.dequantize(q, reduce_rows=reduce_rows))
+        return out
+    n_groups = L.groups if reduce_rows else q.rows * L.groups
+    gb = _groups_per_program(L.group_size, n_groups)
+    ptrs, args = _layout_args(q)
+    _dequant_kernel[(triton.cdiv(n_groups, gb),)](
+        *ptrs, out.view(-1), n_out, n_groups, L.groups, q.rows, *args,
+        G=L.group_size, GB=gb, BITS=L.bits, SPIKE=L.spike_reserve, REDUCE=reduce_rows, num_warps=4)
+    return out
+
+
+def reduce_requantize_fwd(q: QTensor, out_layout: QuantLayout, n_valid: int, out: QTensor | None = None) -> QTensor:
+    """Sum the rows of ``q`` in fp32 and quantize the first ``n_valid`` sums as one row of ``out_layout``."""
+    L = q.layout
+    if out_layout.n != L.n or out_layout.group_size != L.group_size:
+        raise ValueError("out_layout: must have the same row length and group size as q.layout")
+    if out is None:
+        out = new_qtensor(1, out_layout, q.data.device, n_valid)
+    if not kernel_device_ok(q.data, out.data):
+        s = naive.dequantize(q, reduce_rows=True)
+        out.data.copy_(quantize_fwd(s, out_layout, 1, n_valid).data)
+        return out
+    gb = _groups_per_program(L.group_size, L.groups)
+    ptrs, args = _layout_args(q)
+    optrs, oargs = _layout_args(out)
+    _reduce_requant_kernel[(triton.cdiv(L.groups, gb),)](
+        *ptrs, q.rows, L.groups, *args, *optrs, n_valid, *oargs,
+        G=L.group_size, GB=gb, BITS=L.bits, SPIKE=L.spike_reserve,
+        OBITS=out_layout.bits, OSPIKE=out_layout.spike_reserve, num_warps=4)
+    return out
+
+
+# ----------------------------------------------------------------------------- autograd
+
+class _FakeQuantFn(torch.autograd.Function):
+    """quantize -> dequantize; the gradient passes straight through (codes have none)."""
+
+    @staticmethod
+    def forward(ctx, x, bits, group_size, spike_reserve, meta_dtype):
+        L = QuantLayout(row_length(x.numel(), 1, group_size), bits, group_size, spike_reserve, meta_dtype)
+        q = quantize_fwd(x.contiguous(), L, 1, x.numel())
+        return dequantize_fwd(q, out_dtype=x.dtype).view(x.shape)
+
+    @staticmethod
+    def backward(ctx, dy):
+        return dy, None, None, None, None
+
+
+# ----------------------------------------------------------------------------- public API
+
+def _check_input(x: torch.Tensor, name: str = "x") -> None:
+    check_tensor(name, x, dtypes=_FLOAT_IN)
+    if x.numel() == 0:
+        raise ValueError(f"{name}: expected a non-empty tensor, got shape {tuple(x.shape)}")
+
+
+def quantize(x: torch.Tensor, bits: int = 8, group_size: int = 128, *, rows: int = 1,
+             spike_reserve: bool = False, meta_dtype: torch.dtype = torch.float32) -> QTensor:
+    """Group-wise asymmetric quantization of ``x`` (any shape, fp32/fp16/bf16).
+
+    ``x`` is flattened row-major and split over ``rows`` rows of ``n`` values (``n`` = the
+    smallest multiple of ``group_size`` holding ``ceil(numel / rows)``); each group of
+    ``group_size`` consecutive values gets its own min and scale (``meta_dtype``), and
+    ``bits`` = 8 (one code a byte) or 4 (two codes a byte). With ``spike_reserve`` each group's
+    max and min are stored exactly beside the codes (see ``naive.py`` for the exact definition).
+    Non-contiguous inputs are copied to contiguous memory first.
+
+    Returns a :class:`QTensor`: ``data`` is ``uint8 [rows, layout.row_bytes]``; ``codes``,
+    ``scale``, ``min`` (and spike fields) are views into it.
+
+    Example::
+
+        q = quantize(torch.randn(4, 1000), bits=4, group_size=64)
+        y = dequantize(q).view(4, 1000)        # |y - x| <= scale / 2 per group
+    """
+    _check_input(x)
+    check_quant_args(bits, group_size, meta_dtype)
+    if not isinstance(rows, int) or rows < 1:
+        raise ValueError(f"rows: expected a positive int, got {rows!r}")
+    layout = QuantLayout(row_length(x.numel(), rows, group_size), bits, group_size, spike_reserve, meta_dtype)
+    return quantize_fwd(x.contiguous(), layout, rows, x.numel())
+
+
+def dequantize(q: QTensor, *, reduce_rows: bool = False, out_dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Decode a :class:`QTensor`.
+
+    Returns the flat ``[q.numel]`` values in ``out_dtype``, or with ``reduce_rows=True`` the fp32
+    sum over the rows ``[q.layout.n]`` (what the all-reduce's owner computes from the ``R``
+    quantized copies of its chunk). NaN-poisoned groups decode to NaN.
+    """
+    if not isinstance(q, QTensor):
+        raise ValueError(f"q: expected a QTensor, got {type(q).__name__}")
+    if out_dtype not in _FLOAT_IN:
+        raise ValueError(f"out_dtype: expected one of {list(_FLOAT_IN)}, got {out_dtype}")
+    return dequantize_fwd(q, reduce_rows=reduce_rows, out_dtype=out_dtype)
+
+
+def fake_quantize(x: torch.Tensor, bits: int = 8, group_size: int = 128, *, spike_reserve: bool = False,
+                  meta_dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """``dequantize(quantize(x))`` in ``x``'s shape and dtype; gradient straight through.
+
+    Example: ``y = fake_quantize(torch.randn(8, 256, requires_grad=True), bits=4)``.
+    """
+    _check_input(x)
+    check_quant_args(bits, group_size, meta_dtype)
+    return _FakeQuantFn.apply(x, bits, group_size, spike_reserve, meta_dtype)
