@@ -1,0 +1,230 @@
+"""Chunked delta rule for training and prefill: FG2-GDN, FG2-GDN+, GDN and KDA on one kernel set.
+
+Levels: the Triton kernels live in ``chunk_fwd.py`` / ``chunk_bwd.py`` (this file would pass 600
+lines otherwise); here are the host helpers, one ``torch.autograd.Function`` and the public
+functions. All variants are run as the symmetric update on scaled keys/values with beta = 1::
+
+    k~ = sqrt(bk) * k,  v~ = sqrt(bv) * v     (GDN/KDA: bk = bv = beta, a scalar per token)
+    S_t = (I - k~_t k~_t^T) Diag(exp(g_t)) S_{t-1} + k~_t v~_t^T,     o_t = scale * S_t^T q_t
+
+The square roots are taken in PyTorch (fp32) outside the Function, so autograd carries the rate
+gradients; the kernels return gradients for q, k~, v~, g and the initial state.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+
+from catkit.ops.delta_rule.chunk_bwd import chunk_bwd
+from catkit.ops.delta_rule.chunk_fwd import chunk_fwd
+from catkit.utils.device import check_tensor
+
+CHUNK_SIZE = 64
+MAX_HEAD_DIM = 128  # K and V above this would not fit the per-chunk register tiles
+_FLOATS = (torch.float32, torch.bfloat16, torch.float16)
+
+
+# ----------------------------------------------------------------------------- host helpers
+def prepare_chunks(cu_seqlens: torch.Tensor, BT: int) -> dict:
+    """Chunk table for packed sequences: per chunk (sequence, chunk-in-sequence), and offsets."""
+    cu = cu_seqlens.to(torch.int64)
+    lens = cu[1:] - cu[:-1]
+    nch = (lens + BT - 1) // BT
+    offsets = torch.cat([nch.new_zeros(1), nch.cumsum(0)])
+    seq = torch.repeat_interleave(torch.arange(len(nch), device=cu.device), nch)
+    within = torch.arange(int(offsets[-1]), device=cu.device) - offsets[:-1][seq]
+    return dict(
+        cu_seqlens=cu.to(torch.int32).contiguous(),
+        chunk_indices=torch.stack([seq, within], 1).to(torch.int32).contiguous(),
+        chunk_offsets=offsets.to(torch.int32).contiguous(),
+        BT=BT,
+    )
+
+
+def validate(q, k, v, g, bk, bv, scale, initial_state, cu_seqlens, *, need_square: bool,
+             rate_names=("bk", "bv")):
+    """Shape/dtype/device/range checks shared by the chunked and recurrent entry points."""
+    check_tensor("q", q, ndim=4, dtypes=_FLOATS)
+    B, T, H, K = q.shape
+    check_tensor("k", k, ndim=4, dtypes=_FLOATS, device=q.device)
+    check_tensor("v", v, ndim=4, dtypes=_FLOATS, device=q.device)
+    if tuple(k.shape) != (B, T, H, K):
+        raise ValueError(f"k: expected shape {(B, T, H, K)} like q, got {tuple(k.shape)}")
+    if tuple(v.shape[:3]) != (B, T, H):
+        raise ValueError(f"v: expected shape [B, T, H, V] = {(B, T, H)} + [V], got {tuple(v.shape)}")
+    V = v.shape[-1]
+    for name, d in (("q", K), ("v", V)):
+        if not 1 <= d <= MAX_HEAD_DIM:
+            raise ValueError(f"{name}: head dim {d} not supported; the kernels take 1..{MAX_HEAD_DIM}")
+    if k.dtype != q.dtype or v.dtype != q.dtype:
+        raise ValueError(f"k, v: expected dtype {q.dtype} like q, got {k.dtype} and {v.dtype}")
+    check_tensor("g", g, ndim=(3, 4), dtypes=_FLOATS, device=q.device)
+    if tuple(g.shape) not in ((B, T, H), (B, T, H, K)):
+        raise ValueError(f"g: expected shape {(B, T, H)} or {(B, T, H, K)}, got {tuple(g.shape)}")
+    nb, nv = rate_names
+    check_tensor(nb, bk, dtypes=_FLOATS, device=q.device)
+    if bk.dim() == 3 and tuple(bk.shape) != (B, T, H) or bk.dim() == 4 and tuple(bk.shape) != (B, T, H, K) \
+            or bk.dim() not in (3, 4):
+        raise ValueError(f"{nb}: expected shape {(B, T, H, K)}{' or ' + str((B, T, H)) if nb == 'beta' else ''}, "
+                         f"got {tuple(bk.shape)}")
+    if bv is None:
+        if need_square and K != V:
+            raise ValueError(f"bv: None (coupled FG2-GDN) needs K == V, got K={K}, V={V}; pass bv [B,T,H,V]")
+    else:
+        check_tensor(nv, bv, ndim=4, dtypes=_FLOATS, device=q.device)
+        if tuple(bv.shape) != (B, T, H, V):
+            raise ValueError(f"{nv}: expected shape {(B, T, H, V)}, got {tuple(bv.shape)}")
+    for name, r in ((nb, bk), (nv, bv)):
+        if r is not None and not bool(((r > 0) & (r <= 1)).all()):
+            raise ValueError(f"{name}: rates must lie in (0, 1]")
+    if scale is not None and not (isinstance(scale, (int, float)) and scale > 0):
+        raise ValueError(f"scale: expected a positive number, got {scale!r}")
+    N = B
+    if cu_seqlens is not None:
+        check_tensor("cu_seqlens", cu_seqlens, ndim=1, dtypes=(torch.int32, torch.int64), device=q.device)
+        if B != 1:
+            raise ValueError(f"cu_seqlens: packed sequences need B == 1, got q with B={B}")
+        cu = cu_seqlens.tolist()
+        if len(cu) < 2 or cu[0] != 0 or cu[-1] != T or any(b <= a for a, b in zip(cu, cu[1:])):
+            raise ValueError(f"cu_seqlens: expected strictly increasing offsets from 0 to T={T}, got {cu}")
+        N = len(cu) - 1
+    if initial_state is not None:
+        check_tensor("initial_state", initial_state, ndim=4, dtypes=_FLOATS + (torch.float64,), device=q.device)
+        if tuple(initial_state.shape) != (N, H, K, V):
+            raise ValueError(f"initial_state: expected shape {(N, H, K, V)}, got {tuple(initial_state.shape)}")
+    return B, T, H, K, V, N
+
+
+def scaled_kv(k, v, bk, bv):
+    """k~ = sqrt(bk) k, v~ = sqrt(bv) v in fp32, cast back to the input dtype (differentiable)."""
+    sk = bk.float().sqrt()
+    sv = sk if bv is None else bv.float().sqrt()
+    if sk.dim() == 3:
+        sk = sk[..., None]
+    if sv.dim() == 3:
+        sv = sv[..., None]
+    return (k.float() * sk).to(k.dtype), (v.float() * sv).to(v.dtype)
+
+
+# ----------------------------------------------------------------------------- autograd
+class ChunkDeltaRuleFunction(torch.autograd.Function):
+    """Symmetric delta rule on (q, k~, v~, g) -> (o, final_state); g is [B,T,H] or [B,T,H,K]."""
+
+    @staticmethod
+    def forward(ctx, q, kt, vt, g, scale, initial_state, output_final_state, cu_seqlens, chunk_size):
+        B, T, H, K = q.shape
+        V = vt.shape[-1]
+        if cu_seqlens is None:
+            cu_seqlens = torch.arange(0, (B + 1) * T, T, device=q.device, dtype=torch.int32)
+        meta = prepare_chunks(cu_seqlens, chunk_size)
+        flat = lambda x: x.reshape(B * T, *x.shape[2:]).contiguous()  # noqa: E731
+        qf, kf, vf, gf = flat(q), flat(kt), flat(vt), flat(g)
+        h0 = initial_state.float().contiguous() if initial_state is not None else None
+        save = any(ctx.needs_input_grad[i] for i in (0, 1, 2, 3, 5))
+        o, ht, saved = chunk_fwd(qf, kf, vf, gf, scale, h0, output_final_state, meta, save=save)
+        if save:  # inference keeps no per-chunk states or WY factors alive
+            ctx.save_for_backward(qf, kf, vf, saved["G"], saved["Tm"], saved["W"], saved["P"],
+                                  saved["vn"], saved["h"])
+        ctx.meta, ctx.scale, ctx.shape = meta, scale, (B, T, H, K, V)
+        ctx.g_scalar = g.dim() == 3
+        ctx.g_dtype = g.dtype
+        ctx.h0_info = None if initial_state is None else initial_state.dtype
+        o = o.reshape(B, T, H, V)
+        if ht is not None:
+            return o, ht
+        return o, None
+
+    @staticmethod
+    def backward(ctx, do, dht):
+        qf, kf, vf, G, Tm, W, P, vn, h = ctx.saved_tensors
+        B, T, H, K, V = ctx.shape
+        dof = do.reshape(B * T, H, V).contiguous()
+        dht = dht.float().contiguous() if dht is not None else None
+        dq, dk, dv, dg, dh0 = chunk_bwd(qf, kf, vf, G, Tm, W, P, vn, h, dof, dht, ctx.scale, ctx.meta,
+                                        need_dh0=ctx.h0_info is not None)
+        dg = dg.sum(-1) if ctx.g_scalar else dg
+        shp = lambda x, D: x.reshape(B, T, H, D)  # noqa: E731
+        dg = dg.reshape(B, T, H, *(() if ctx.g_scalar else (K,))).to(ctx.g_dtype)
+        dh0 = dh0.to(ctx.h0_info) if dh0 is not None else None
+        return shp(dq, K), shp(dk, K), shp(dv, V), dg, None, dh0, None, None, None
+
+
+# ----------------------------------------------------------------------------- public API
+def chunk_fg2_delta_rule(q, k, v, g, bk, bv=None, *, scale=None, initial_state=None,
+                         output_final_state=False, cu_seqlens=None, chunk_size=CHUNK_SIZE):
+    """FG2-GDN (``bv=None``) / FG2-GDN+ chunked delta rule (Triton forward and backward).
+
+    Args:
+        q, k: ``[B, T, H, K]`` (bf16/fp16/fp32), expected L2-normalised per head by the caller
+            (not checked; un-normalised keys make ``I - k~ k~^T`` expansive and may diverge).
+        v: ``[B, T, H, V]``, same dtype.
+        g: log-decay, ``[B, T, H]`` (scalar per head, GDN-style) or ``[B, T, H, K]``; should be
+            <= 0 (decay exp(g) in (0, 1]).
+        bk: key rates in (0, 1], ``[B, T, H, K]``; k~ = sqrt(bk) k.
+        bv: value rates in (0, 1], ``[B, T, H, V]``; None = coupled FG2-GDN (bv = bk, needs K == V).
+        scale: output scale, default ``K ** -0.5``.
+        initial_state: ``[N, H, K, V]`` (N = B, or the number of packed sequences), any float
+            dtype; the state is always carried in fp32.
+        output_final_state: also return the fp32 final state ``[N, H, K, V]``.
+        cu_seqlens: int32/int64 ``[N + 1]`` offsets of packed sequences in a ``B = 1`` batch.
+        chunk_size: 64 (16 and 32 also work; the CPU tests use them to stay fast).
+
+    Returns ``(o [B, T, H, V] in q's dtype, final_state or None)``. K and V up to 128.
+    Gradients flow to q, k, v, g, bk, bv and initial_state.
+
+    Example::
+
+        q = F.normalize(torch.randn(2, 1024, 4, 64, device="cuda"), dim=-1).bfloat16()
+        k = F.normalize(torch.randn(2, 1024, 4, 64, device="cuda"), dim=-1).bfloat16()
+        v = torch.randn(2, 1024, 4, 64, device="cuda", dtype=torch.bfloat16)
+        g = -F.softplus(torch.randn(2, 1024, 4, 64, device="cuda"))
+        bk = torch.sigmoid(torch.randn(2, 1024, 4, 64, device="cuda"))
+        o, s = chunk_fg2_delta_rule(q, k, v, g, bk, output_final_state=True)
+    """
+    validate(q, k, v, g, bk, bv, scale, initial_state, cu_seqlens, need_square=True)
+    if chunk_size not in (16, 32, 64):
+        raise ValueError(f"chunk_size: expected 16, 32 or 64, got {chunk_size}")
+    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    kt, vt = scaled_kv(k, v, bk, bv)
+    return ChunkDeltaRuleFunction.apply(q, kt, vt, g, scale, initial_state, output_final_state,
+                                        cu_seqlens, chunk_size)
+
+
+def _beta_entry(q, k, v, g, beta, scale, initial_state, output_final_state, cu_seqlens, chunk_size,
+                g_ndim):
+    validate(q, k, v, g, beta, None, scale, initial_state, cu_seqlens, need_square=False,
+             rate_names=("beta", "beta"))
+    if beta.dim() != 3:
+        raise ValueError(f"beta: expected a scalar rate per token and head, shape {tuple(q.shape[:3])}")
+    if g_ndim is not None and g.dim() != g_ndim:
+        raise ValueError(f"g: expected {g_ndim} dims for this variant, got shape {tuple(g.shape)}")
+    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    sb = beta.float().sqrt()[..., None]
+    kt = (k.float() * sb).to(k.dtype)
+    vt = (v.float() * sb).to(v.dtype)
+    return ChunkDeltaRuleFunction.apply(q, kt, vt, g, scale, initial_state, output_final_state,
+                                        cu_seqlens, chunk_size)
+
+
+def chunk_gated_delta_rule(q, k, v, g, beta, *, scale=None, initial_state=None,
+                           output_final_state=False, cu_seqlens=None, chunk_size=CHUNK_SIZE):
+    """Gated DeltaNet: ``S_t = (I - beta k k^T) exp(g_t) S_{t-1} + beta k v^T``.
+
+    ``g [B, T, H]`` scalar log-decay, ``beta [B, T, H]`` in (0, 1]; other arguments and returns as
+    :func:`chunk_fg2_delta_rule` (K and V may differ). Runs the FG2 kernels with k~ = sqrt(beta) k,
+    v~ = sqrt(beta) v. Example: ``o, _ = chunk_gated_delta_rule(q, k, v, g, beta)``.
+    """
+    return _beta_entry(q, k, v, g, beta, scale, initial_state, output_final_state, cu_seqlens,
+                       chunk_size, 3)
+
+
+def chunk_kda(q, k, v, g, beta, *, scale=None, initial_state=None, output_final_state=False,
+              cu_seqlens=None, chunk_size=CHUNK_SIZE):
+    """Kimi Delta Attention: per-channel log-decay ``g [B, T, H, K]``, scalar ``beta [B, T, H]``.
+
+    Same arguments and returns as :func:`chunk_gated_delta_rule`.
+    Example: ``o, _ = chunk_kda(q, k, v, g, beta)``.
+    """
+    return _beta_entry(q, k, v, g, beta, scale, initial_state, output_final_state, cu_seqlens,
+                       chunk_size, 4)
