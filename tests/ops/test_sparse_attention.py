@@ -253,3 +253,100 @@ def test_gpu_prefill_bf16(seed, mode):
         print(f"[gpu {mode}] {name}: rel RMS {err:.2e}")
         assert err < 2e-2, name
     assert has_key.all()
+
+
+# --------------------------------------------------------------------------------------------
+# Paged decode
+# --------------------------------------------------------------------------------------------
+from catkit.ops.sparse_attention.decode import paged_decode_attention  # noqa: E402
+
+
+def _paged(k, v, lens, page, extra_pages=3):
+    """Scatter contiguous k/v [B, T, H_kv, D] into a shuffled page pool; return caches and table."""
+    B, T, Hkv, D = k.shape
+    max_pages = (T + page - 1) // page
+    n_pages = B * max_pages + extra_pages
+    perm = torch.randperm(n_pages)[: B * max_pages].view(B, max_pages)
+    kc = torch.randn(n_pages, page, Hkv, D, dtype=k.dtype)  # garbage in unused slots must not leak in
+    vc = torch.randn(n_pages, page, Hkv, D, dtype=k.dtype)
+    for b in range(B):
+        for t in range(lens[b]):
+            kc[perm[b, t // page], t % page] = k[b, t]
+            vc[perm[b, t // page], t % page] = v[b, t]
+    return kc, vc, perm.int()
+
+
+@pytest.mark.parametrize("pattern", ["dense", "streaming", "indices"])
+@pytest.mark.parametrize("page", [16, 24])
+def test_decode_vs_naive(seed, pattern, page):
+    B, T, H, Hkv, D, bs = 3, 300, 8, 2, 32, 64
+    lens = [300, 129, 1]
+    q = torch.randn(B, H, D)
+    k, v = torch.randn(B, T, Hkv, D), torch.randn(B, T, Hkv, D)
+    kc, vc, bt = _paged(k, v, lens, page)
+    sl = torch.tensor(lens, dtype=torch.int32)
+    kw = dict(block_size=bs)
+    if pattern == "streaming":
+        kw.update(sink_blocks=1, recent_blocks=2)
+    elif pattern == "indices":
+        idx = torch.full((B, Hkv, 3), -1, dtype=torch.int32)
+        idx[0, 0, :3] = torch.tensor([0, 2, 4])
+        idx[0, 1, :1] = 3
+        idx[1, 0, :2] = torch.tensor([1, 2])  # the last list of batch 1 / head 1 stays empty
+        idx[2, :, 0] = 0
+        kw.update(block_indices=idx)
+    o, lse = paged_decode_attention(q, kc, vc, bt, sl, return_lse=True, num_splits=2, **kw, _any_block_size=False)
+    ro, rl = naive.naive_paged_decode_attention(q, kc, vc, bt, sl, return_lse=True, **kw)
+    assert_close(o, ro, TOL, "o")
+    fin = torch.isfinite(rl)
+    assert torch.equal(fin, torch.isfinite(lse))
+    assert_close(lse[fin], rl[fin], TOL, "lse")
+    if pattern == "indices":
+        assert torch.equal(o[1, 4:], torch.zeros_like(o[1, 4:])) and bool(torch.isneginf(lse[1, 4:]).all())
+
+
+def test_streaming_decode_equals_prefill_last_row(seed):
+    """Decode of the token at position L-1 == last row of streaming prefill over the same L tokens."""
+    T, H, Hkv, D, bs = 100, 4, 2, 16, 16
+    q, k, v = (x.detach() for x in _inputs(1, T, H, Hkv, D))
+    pre = streaming_attention(q, k, v, sink_blocks=1, recent_blocks=2, block_size=bs, _tiles=TINY,
+                              _any_block_size=True)
+    for L in (T, 47):  # position 46 is mid-block, so the window there is partial
+        kc, vc, bt = _paged(k[:, :L], v[:, :L], [L], page=8)
+        sl = torch.tensor([L], dtype=torch.int32)
+        for splits in (1, 3):
+            dec = paged_decode_attention(q[:, L - 1], kc, vc, bt, sl, sink_blocks=1, recent_blocks=2, block_size=bs,
+                                         num_splits=splits, _any_block_size=True)
+            ref = pre[:, L - 1] if L == T else streaming_attention(
+                q[:, :L], k[:, :L], v[:, :L], sink_blocks=1, recent_blocks=2, block_size=bs, _tiles=TINY,
+                _any_block_size=True)[:, L - 1]
+            assert_close(dec, ref, TOL, f"decode vs prefill (L={L}, splits={splits})")
+
+
+@pytest.mark.parametrize("case", ["pattern_half", "both", "seq_lens", "table", "idx_sorted", "block_size", "gqa"])
+def test_decode_bad_inputs(case):
+    B, H, Hkv, D, page = 2, 4, 2, 16, 16
+    q = torch.randn(B, H, D)
+    kc, vc = torch.randn(8, page, Hkv, D), torch.randn(8, page, Hkv, D)
+    bt = torch.arange(8, dtype=torch.int32).view(2, 4)
+    sl = torch.tensor([64, 30], dtype=torch.int32)
+    idx = torch.tensor([[[0, 1]] * 2, [[1, 0]] * 2], dtype=torch.int32)
+    kw = dict(block_size=64)
+    expect = {"pattern_half": "sink_blocks", "both": "block_indices", "seq_lens": "seq_lens", "table": "block_table",
+              "idx_sorted": "block_indices", "block_size": "block_size", "gqa": "k_cache"}[case]
+    with pytest.raises(ValueError, match=expect):
+        if case == "pattern_half":
+            paged_decode_attention(q, kc, vc, bt, sl, sink_blocks=1, **kw)
+        elif case == "both":
+            paged_decode_attention(q, kc, vc, bt, sl, sink_blocks=1, recent_blocks=1, block_indices=idx, **kw)
+        elif case == "seq_lens":
+            paged_decode_attention(q, kc, vc, bt, torch.tensor([65, 300], dtype=torch.int32), **kw)
+        elif case == "table":
+            paged_decode_attention(q, kc, vc, bt + 5, sl, **kw)
+        elif case == "idx_sorted":
+            paged_decode_attention(q, kc, vc, bt, torch.tensor([64, 64], dtype=torch.int32), block_indices=idx,
+                                   block_size=16, _any_block_size=True)
+        elif case == "block_size":
+            paged_decode_attention(q, kc, vc, bt, sl, block_size=100)
+        elif case == "gqa":
+            paged_decode_attention(q[:, :3], kc, vc, bt, sl, **kw)
