@@ -1,0 +1,213 @@
+"""Block-sparse causal attention, forward pass: the shared host plan, tile table and Triton kernel.
+
+See ``prefill.py`` for the public functions and ``naive.py`` for the exact semantics.
+
+One program per (query head, query tile, sequence); query tiles never straddle a sparse block. It
+walks the key tiles it may read in two ranges: every fully visible tile (no mask arithmetic, no
+bounds checks) in ONE software-pipelined loop, then the causal diagonal tile range (masked). In
+streaming mode the sinks and the window are two key ranges; the first loop walks them as one
+"virtual" range with a jump (``split``/``gap``), so short windows keep a single pipeline.
+Online softmax runs in base 2 with the scale folded into one FMA.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from catkit.utils.triton_utils import triton_available
+
+if triton_available():
+    import triton
+    import triton.language as tl
+else:  # pragma: no cover - the module stays importable; CPU then falls back to naive.py
+    triton = None
+
+LOG2E = 1.4426950408889634
+LN2 = 0.6931471805599453
+MODE_STREAM, MODE_INDEX = 0, 1
+
+# ---------------------------------------------------------------------------------------------
+# Level 1: Triton kernels
+# ---------------------------------------------------------------------------------------------
+if triton is not None:
+
+    @triton.jit
+    def _fwd_range(acc, m_i, l_i, q, Kb, Vb, stride_kt, stride_vt, lo, hi, split, gap, q_pos, L, qk_scale,
+                   BLOCK_N: tl.constexpr, D: tl.constexpr, MASKED: tl.constexpr):
+        # Virtual positions v in [lo, hi); keys start at v, or v + gap once v >= split.
+        offs_d = tl.arange(0, D)
+        for v0 in range(lo, hi, BLOCK_N):
+            start = v0 + tl.where(v0 >= split, gap, 0)
+            start = tl.multiple_of(start, BLOCK_N)
+            offs_n = start + tl.arange(0, BLOCK_N)
+            if MASKED:
+                kv_ok = offs_n < L
+                k = tl.load(Kb + offs_n[:, None] * stride_kt + offs_d[None, :], mask=kv_ok[:, None], other=0.0)
+                v = tl.load(Vb + offs_n[:, None] * stride_vt + offs_d[None, :], mask=kv_ok[:, None], other=0.0)
+            else:
+                k = tl.load(Kb + offs_n[:, None] * stride_kt + offs_d[None, :])
+                v = tl.load(Vb + offs_n[:, None] * stride_vt + offs_d[None, :])
+            qk = tl.dot(q, tl.trans(k))
+            if MASKED:
+                ok = (offs_n[None, :] <= q_pos[:, None]) & kv_ok[None, :]
+                qk = tl.where(ok, qk, float("-inf"))
+            # m_i starts at a finite floor, so a row masked so far gives exp2(-inf) = 0, never NaN.
+            m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
+            p = tl.exp2(qk * qk_scale - m_new[:, None])
+            alpha = tl.exp2(m_i - m_new)
+            l_i = l_i * alpha + tl.sum(p, 1)
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+            m_i = m_new
+        return acc, m_i, l_i
+
+    @triton.jit
+    def _fwd_kernel(Q, K, V, O, LSE, CU, IDX, CNT, qk_scale,
+                    stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh,
+                    stride_ib, stride_ih, stride_iq, stride_cb, stride_ch,
+                    H, SINK, RECENT,
+                    G: tl.constexpr, BS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                    D: tl.constexpr, MODE: tl.constexpr):
+        pid_h = tl.program_id(0)
+        pid_m = tl.program_id(1)
+        pid_b = tl.program_id(2)
+        bos = tl.load(CU + pid_b)
+        L = tl.load(CU + pid_b + 1) - bos
+        m0 = pid_m * BLOCK_M
+        if m0 < L:
+            hkv = pid_h // G
+            qb = m0 // BS
+            offs_m = m0 + tl.arange(0, BLOCK_M)
+            offs_d = tl.arange(0, D)
+            row_ok = offs_m < L
+            q = tl.load(Q + (bos + offs_m)[:, None] * stride_qt + pid_h * stride_qh + offs_d[None, :],
+                        mask=row_ok[:, None], other=0.0)
+            Kb = K + bos * stride_kt + hkv * stride_kh
+            Vb = V + bos * stride_vt + hkv * stride_vh
+            acc = tl.zeros([BLOCK_M, D], dtype=tl.float32)
+            m_i = tl.zeros([BLOCK_M], dtype=tl.float32) - 1.0e30
+            l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+            if MODE == 0:
+                # Window blocks [w_lo, qb] (own block included when recent >= 1 or qb is a sink),
+                # sink blocks [0, min(SINK, w_lo)).
+                w_lo = tl.maximum(qb - RECENT + 1, 0)
+                if qb < SINK:
+                    w_lo = tl.minimum(w_lo, qb)
+                s_hi = tl.minimum(SINK, w_lo) * BS
+                n_full = s_hi + tl.where(w_lo <= qb, m0 - w_lo * BS, 0)
+                acc, m_i, l_i = _fwd_range(acc, m_i, l_i, q, Kb, Vb, stride_kt, stride_vt, 0, n_full, s_hi,
+                                           w_lo * BS - s_hi, offs_m, L, qk_scale, BLOCK_N, D, False)
+                if w_lo <= qb:
+                    acc, m_i, l_i = _fwd_range(acc, m_i, l_i, q, Kb, Vb, stride_kt, stride_vt, m0, m0 + BLOCK_M,
+                                               L, 0, offs_m, L, qk_scale, BLOCK_N, D, True)
+            else:
+                n_idx = tl.load(CNT + pid_b * stride_cb + hkv * stride_ch + qb)
+                Ib = IDX + pid_b * stride_ib + hkv * stride_ih + qb * stride_iq
+                for t in range(0, n_idx):
+                    j = tl.load(Ib + t)
+                    if j < qb:
+                        acc, m_i, l_i = _fwd_range(acc, m_i, l_i, q, Kb, Vb, stride_kt, stride_vt, j * BS,
+                                                   j * BS + BS, L, 0, offs_m, L, qk_scale, BLOCK_N, D, False)
+                    elif j == qb:
+                        acc, m_i, l_i = _fwd_range(acc, m_i, l_i, q, Kb, Vb, stride_kt, stride_vt, j * BS, m0,
+                                                   L, 0, offs_m, L, qk_scale, BLOCK_N, D, False)
+                        acc, m_i, l_i = _fwd_range(acc, m_i, l_i, q, Kb, Vb, stride_kt, stride_vt, m0,
+                                                   m0 + BLOCK_M, L, 0, offs_m, L, qk_scale, BLOCK_N, D, True)
+            empty = l_i == 0.0  # no allowed key: output 0, lse -inf (documented behaviour)
+            l_safe = tl.where(empty, 1.0, l_i)
+            o = acc / l_safe[:, None]
+            lse = tl.where(empty, float("-inf"), m_i + tl.log2(l_safe))
+            tl.store(O + (bos + offs_m)[:, None] * stride_ot + pid_h * stride_oh + offs_d[None, :],
+                     o.to(O.dtype.element_ty), mask=row_ok[:, None])
+            tl.store(LSE + (bos + offs_m) * H + pid_h, lse, mask=row_ok)
+
+
+# ---------------------------------------------------------------------------------------------
+# Level 2: host plan, tiles and launcher
+# ---------------------------------------------------------------------------------------------
+# Tile sizes per pass: (BLOCK_M, BLOCK_N, num_warps, num_stages), for d = 128 on an H100; tests
+# pass smaller ones through ``tiles`` so the interpreter stays fast.
+GPU_TILES = {
+    "fwd": {128: (128, 64, 8, 3), 64: (64, 64, 4, 3)},
+    "dq": {128: (64, 64, 4, 2), 64: (64, 64, 4, 2)},
+    "dkdv": {128: (64, 128, 8, 2), 64: (32, 64, 4, 2)},
+}
+
+
+def pick_tiles(kind: str, block_size: int, D: int, tiles: dict | None):
+    if tiles is not None and kind in tiles:
+        bm, bn, w, s = tiles[kind]
+    elif block_size in GPU_TILES[kind]:
+        bm, bn, w, s = GPU_TILES[kind][block_size]
+        if D <= 32:
+            w = 4
+    else:
+        bm = bn = min(block_size, 64)
+        w, s = 4, 2
+    # Tiles never straddle a sparse block and the inner tile divides the outer one, so every range
+    # the kernels walk is tile aligned (the unmasked loops rely on it).
+    inner_ok = (bm % bn == 0) if kind != "dkdv" else (bn % bm == 0)
+    if block_size % bm or block_size % bn or not inner_ok:
+        raise ValueError(f"_tiles: {kind} tiles {(bm, bn)} do not fit block_size {block_size}")
+    return bm, bn, w, s
+
+
+class Plan:
+    """What forward and backward share: sequence packing, the pattern and its index tensors."""
+
+    def __init__(self, B, T, cu_seqlens, device, block_size, sink, recent, block_indices):
+        if cu_seqlens is None:
+            self.cu = torch.arange(0, (B + 1) * T, T, dtype=torch.int32, device=device)
+            self.n_seq, self.max_len, self.packed = B, T, False
+        else:
+            self.cu = cu_seqlens.to(device=device, dtype=torch.int32)
+            self.n_seq = cu_seqlens.numel() - 1
+            self.max_len = int((cu_seqlens[1:] - cu_seqlens[:-1]).max()) if self.n_seq > 0 else 0
+            self.packed = True
+        self.block_size, self.sink, self.recent = block_size, sink, recent
+        self.mode = MODE_STREAM if block_indices is None else MODE_INDEX
+        self.nb = (self.max_len + block_size - 1) // block_size
+        if self.mode == MODE_INDEX:
+            self.idx = block_indices.to(device=device, dtype=torch.int32).contiguous()
+            self.cnt = (self.idx >= 0).sum(-1, dtype=torch.int32).contiguous()  # [N, H_kv, NQ]
+        else:
+            self.idx = self.cnt = torch.zeros(1, 1, 1, dtype=torch.int32, device=device)
+        self.ridx = self.rcnt = None
+
+    def reverse(self):
+        """Per key block, the sorted query blocks that read it (index mode, backward only)."""
+        if self.ridx is None:
+            N, Hk, NQ, _ = self.idx.shape
+            nb = max(self.nb, NQ)
+            qb = torch.arange(NQ, device=self.idx.device)[None, None, :, None]
+            idx = self.idx.long()
+            keep = (idx >= 0) & (idx <= qb)  # entries above the query block read nothing (causal)
+            mask = torch.zeros(N, Hk, NQ, nb + 1, dtype=torch.bool, device=idx.device)
+            mask.scatter_(-1, torch.where(keep, idx, nb), True)
+            maskT = mask[..., :nb].transpose(-1, -2)  # [N, H_kv, NK, NQ]
+            self.rcnt = maskT.sum(-1, dtype=torch.int32).contiguous()
+            ar = torch.arange(NQ, device=idx.device, dtype=torch.int32).expand_as(maskT)
+            order = torch.where(maskT, ar, torch.full_like(ar, NQ)).sort(-1).values
+            width = max(int(self.rcnt.max()) if self.rcnt.numel() else 0, 1)
+            self.ridx = order[..., :width].contiguous()
+        return self.ridx, self.rcnt
+
+
+def block_sparse_attention_fwd(q, k, v, plan: Plan, scale: float, tiles=None):
+    """q [B, T, H, D], k/v [B, T, H_kv, D] contiguous -> (o [B, T, H, D], lse2 [B*T, H] base-2 float32)."""
+    B, T, H, D = q.shape
+    Hkv = k.shape[2]
+    qf, kf, vf = q.reshape(B * T, H, D), k.reshape(B * T, Hkv, D), v.reshape(B * T, Hkv, D)
+    o = torch.empty_like(qf)
+    lse = torch.empty(B * T, H, dtype=torch.float32, device=q.device)
+    bm, bn, w, s = pick_tiles("fwd", plan.block_size, D, tiles)
+    if plan.n_seq > 0 and plan.max_len > 0:
+        grid = (H, triton.cdiv(plan.max_len, bm), plan.n_seq)
+        _fwd_kernel[grid](
+            qf, kf, vf, o, lse, plan.cu, plan.idx, plan.cnt, scale * LOG2E,
+            qf.stride(0), qf.stride(1), kf.stride(0), kf.stride(1), vf.stride(0), vf.stride(1),
+            o.stride(0), o.stride(1),
+            plan.idx.stride(0), plan.idx.stride(1), plan.idx.stride(2), plan.cnt.stride(0), plan.cnt.stride(1),
+            H, plan.sink, plan.recent,
+            G=H // Hkv, BS=plan.block_size, BLOCK_M=bm, BLOCK_N=bn, D=D, MODE=plan.mode,
+            num_warps=w, num_stages=s)
+    return o.view(B, T, H, D), lse
