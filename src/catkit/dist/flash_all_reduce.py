@@ -1,0 +1,206 @@
+"""Flash Communication: a quantized two-step all-reduce (spec: shared/papers/flash_comm.md).
+
+    x (every rank, numel N)
+      -> quantize into W rows of c values (c = N / W rounded up to whole groups)   [groupwise.py]
+      -> all_to_all_single: row r goes to rank r                                     (reduce-scatter)
+      -> on rank r: decode the W copies of chunk r, sum in fp32, re-quantize        [one fused kernel]
+      -> all_gather of the re-quantized chunks                                       (all-gather)
+      -> decode all W chunks straight into the output dtype                          [groupwise.py]
+
+Each value is quantized exactly twice whatever W, and every addition is fp32. ``bits`` is the
+width of the reduce-scatter step, ``gather_bits`` (default ``bits``) of the all-gather step;
+``bits=4, gather_bits=8`` is the paper's "INT6". Each quantized row (codes plus its per-group
+scale and min) is one contiguous block, so each step is a single collective call; both calls
+(``all_to_all_single``, ``all_gather_single`` / ``all_gather_into_tensor``) exist on NCCL and gloo,
+so there is no backend branch.
+
+Error bound per output value (fp32 metadata): ``sum_r s1[r, g] / 2 + s2[g] / 2`` where
+``s1[r, g]`` is rank r's step for the value's group (its range / (2**bits - 1)) and ``s2[g]`` is
+the step of the re-quantized sum's group (range / (2**gather_bits - 1)), plus fp32 rounding and,
+for fp16/bf16 outputs, the final rounding to the output dtype.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from catkit.ops.quant.groupwise import dequantize_fwd, quantize_fwd, reduce_requantize_fwd
+from catkit.ops.quant.layout import QTensor, QuantLayout, check_quant_args, row_length
+from catkit.utils.device import check_tensor
+
+# Below this many input bytes ``flash_all_reduce`` runs the exact all-reduce instead, because
+# two collectives plus three kernels cannot beat one latency-bound NCCL call on small messages.
+# PLACEHOLDER VALUES, NOT MEASUREMENTS: "nccl" (1 MiB) is a guess from the ~40 us latency floor in
+# flash_comm.md and is to be replaced by the crossover that ``catkit bench comm`` measures on two
+# GPUs (its rows carry ``fallback_bytes_measured``). "gloo" is 0 so CPU runs (tests) always take
+# the compressed path; on CPU compression is about correctness, not speed.
+FALLBACK_BYTES: dict[str, int] = {"nccl": 1 << 20, "gloo": 0}
+
+_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+@dataclass
+class CommConfig:
+    """How a tensor-parallel layer reduces its partial outputs.
+
+    ``mode``: ``"exact"`` (``dist.all_reduce`` in the tensor's dtype) or ``"flash"``
+    (:func:`flash_all_reduce` with the remaining fields).
+    """
+
+    mode: str = "exact"
+    bits: int = 8
+    gather_bits: int | None = None
+    group_size: int = 128
+    spike_reserve: bool = False
+    meta_dtype: torch.dtype = torch.float32
+    min_bytes: int | None = None
+
+    def __post_init__(self):
+        if self.mode not in ("exact", "flash"):
+            raise ValueError(f"mode: expected 'exact' or 'flash', got {self.mode!r}")
+        check_quant_args(self.bits, self.group_size, self.meta_dtype)
+        if self.gather_bits is not None:
+            check_quant_args(self.gather_bits, self.group_size, self.meta_dtype, name="gather_bits")
+
+
+def _backend_key(group, x: torch.Tensor) -> str:
+    backend = str(dist.get_backend(group)).lower()
+    if "nccl" in backend and x.is_cuda:
+        return "nccl"
+    return "gloo" if "gloo" in backend else backend
+
+
+def _all_gather(out: torch.Tensor, inp: torch.Tensor, group) -> None:
+    # torch >= 2.13 names it all_gather_single (all_gather_into_tensor is deprecated there);
+    # the GPU machine's torch 2.11 has only all_gather_into_tensor.
+    fn = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+    fn(out, inp, group=group)
+
+
+def flash_all_reduce_fwd(x: torch.Tensor, group, bits: int, gather_bits: int, group_size: int,
+                         spike_reserve: bool, meta_dtype: torch.dtype) -> torch.Tensor:
+    """The compressed path on a contiguous, non-empty ``x`` and a group of two or more ranks."""
+    world, rank = dist.get_world_size(group), dist.get_rank(group)
+    N = x.numel()
+    c = row_length(N, world, group_size)
+    l1 = QuantLayout(c, bits, group_size, spike_reserve, meta_dtype)
+    l2 = QuantLayout(c, gather_bits, group_size, spike_reserve, meta_dtype)
+    send = quantize_fwd(x.reshape(-1), l1, world, N)
+    recv = torch.empty_like(send.data)
+    dist.all_to_all_single(recv, send.data, group=group)
+    # rank r owns flattened values [r*c, (r+1)*c); the tail past N is padding (absent)
+    n_mine = min(max(N - rank * c, 0), c)
+    mine = reduce_requantize_fwd(QTensor(recv, l1, world * c), l2, n_mine)
+    # flat buffers: gloo's all-gather wants 1-D output and input
+    gathered = torch.empty(world * l2.row_bytes, dtype=torch.uint8, device=x.device)
+    _all_gather(gathered, mine.data.view(-1), group)
+    gathered = gathered.view(world, l2.row_bytes)
+    out = torch.empty(N, dtype=x.dtype, device=x.device)
+    dequantize_fwd(QTensor(gathered, l2, N), out=out)
+    return out.view(x.shape)
+
+
+class _FlashAllReduceFn(torch.autograd.Function):
+    """Forward: compressed all-reduce. Backward: identity (Megatron's row-parallel convention:
+    what follows the reduction is replicated, so each rank's partial gets the output's gradient)."""
+
+    @staticmethod
+    def forward(ctx, x, group, bits, gather_bits, group_size, spike_reserve, meta_dtype):
+        return flash_all_reduce_fwd(x, group, bits, gather_bits, group_size, spike_reserve, meta_dtype)
+
+    @staticmethod
+    def backward(ctx, dy):
+        return dy, None, None, None, None, None, None
+
+
+class _ExactAllReduceFn(torch.autograd.Function):
+    """``dist.all_reduce`` on a copy; backward identity, as above."""
+
+    @staticmethod
+    def forward(ctx, x, group):
+        y = x.clone()
+        dist.all_reduce(y, group=group)
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        return dy, None
+
+
+def exact_all_reduce(x: torch.Tensor, group=None) -> torch.Tensor:
+    """Sum of ``x`` over ``group`` (``dist.all_reduce`` on a copy, identity backward)."""
+    if not dist.is_initialized() or dist.get_world_size(group) == 1 or x.numel() == 0:
+        return x.clone()
+    return _ExactAllReduceFn.apply(x.contiguous(), group)
+
+
+def flash_all_reduce(
+    x: torch.Tensor,
+    group=None,
+    *,
+    bits: int = 8,
+    gather_bits: int | None = None,
+    group_size: int = 128,
+    spike_reserve: bool = False,
+    meta_dtype: torch.dtype = torch.float32,
+    min_bytes: int | None = None,
+) -> torch.Tensor:
+    """Sum ``x`` over the ranks of ``group`` with int8/int4 group-wise compression.
+
+    Args:
+        x: any shape, fp32/fp16/bf16, same shape on every rank; on CUDA for NCCL, CPU for gloo.
+            Only read: the result is a NEW tensor of ``x``'s shape and dtype (no in-place
+            variant; ``x.copy_(flash_all_reduce(x))`` if you need one). A non-contiguous ``x``
+            is copied to contiguous memory first.
+        group: a ``torch.distributed`` process group (default: the world).
+        bits: 4 or 8, reduce-scatter step. gather_bits: 4 or 8, all-gather step (default ``bits``);
+            ``bits=4, gather_bits=8`` is the paper's INT6.
+        group_size: values sharing one scale and min; a power of two in [32, 1024].
+        spike_reserve: keep each group's max and min exactly (see ops/quant/naive.py).
+        meta_dtype: torch.float32 (default; any finite input stays finite) or torch.float16
+            (the paper's 32/g bits of metadata; groups beyond fp16 range come out NaN).
+        min_bytes: inputs smaller than this many bytes use the exact all-reduce; ``None`` reads
+            :data:`FALLBACK_BYTES` for the backend (placeholder values until measured).
+
+    Returns ``sum over ranks of x`` (fp32 accumulation), identical on every rank, within the
+    bound in the module docstring. Special cases: an empty ``x`` or a group of one rank returns
+    ``x.clone()`` without communicating. NaN or Inf anywhere in a group of ``group_size``
+    values on any rank turns that group of the result into NaN on every rank (never a wrong
+    finite number); other groups are unaffected. Autograd: identity backward (TP convention).
+
+    Example (2 processes)::
+
+        y = flash_all_reduce(partial, bits=4, gather_bits=8)   # INT6
+    """
+    check_tensor("x", x, dtypes=_DTYPES)
+    check_quant_args(bits, group_size, meta_dtype, name="bits")
+    gather_bits = bits if gather_bits is None else gather_bits
+    check_quant_args(gather_bits, group_size, meta_dtype, name="gather_bits")
+    if min_bytes is not None and (not isinstance(min_bytes, int) or min_bytes < 0):
+        raise ValueError(f"min_bytes: expected a non-negative int or None, got {min_bytes!r}")
+    if not dist.is_available() or not dist.is_initialized():
+        raise ValueError("group: torch.distributed is not initialized (call init_process_group first)")
+    world = dist.get_world_size(group)
+    if world == 1 or x.numel() == 0:
+        return x.clone()
+    key = _backend_key(group, x)
+    if key == "nccl" and not x.is_cuda:
+        raise ValueError(f"x: an NCCL group needs a CUDA tensor, got one on {x.device}")
+    threshold = FALLBACK_BYTES.get(key, 0) if min_bytes is None else min_bytes
+    if x.numel() * x.element_size() < threshold:
+        return _ExactAllReduceFn.apply(x.contiguous(), group)
+    return _FlashAllReduceFn.apply(x.contiguous(), group, bits, gather_bits, group_size, spike_reserve,
+                                   meta_dtype)
+
+
+def all_reduce(x: torch.Tensor, group=None, config: CommConfig | None = None) -> torch.Tensor:
+    """Exact or compressed all-reduce of ``x`` as ``config`` says (default exact)."""
+    config = config or CommConfig()
+    if config.mode == "exact":
+        return exact_all_reduce(x, group)
+    return flash_all_reduce(x, group, bits=config.bits, gather_bits=config.gather_bits,
+                            group_size=config.group_size, spike_reserve=config.spike_reserve,
+                            meta_dtype=config.meta_dtype, min_bytes=config.min_bytes)
