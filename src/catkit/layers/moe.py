@@ -30,7 +30,9 @@ class MoE(nn.Module):
 
         Balance loss (Switch Transformer form): E * sum_e f_e * P_e, with f_e the fraction of the
         N*k assignments that went to expert e and P_e the mean router probability of e. It is 1
-        for perfectly uniform routing.
+        for perfectly uniform routing. It is computed over the tokens of one forward call, so
+        under data parallelism or gradient accumulation it is a per-micro-batch loss (as in
+        Megatron-LM), not the loss of the global batch.
         """
         probs = torch.softmax(self.router(x).float(), dim=-1)
         top_p, experts = probs.topk(self.top_k, dim=-1)

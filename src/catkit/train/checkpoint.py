@@ -14,7 +14,7 @@ import os
 import shutil
 
 import torch
-from safetensors import SafetensorsError
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 
@@ -98,7 +98,7 @@ def load_weights(path: str, model: torch.nn.Module) -> None:
         raise CheckpointError(f"checkpoint: {file} is missing")
     try:
         weights = load_file(file)
-    except (SafetensorsError, OSError, ValueError) as e:
+    except (SafetensorError, OSError, ValueError) as e:
         raise CheckpointError(f"checkpoint: {file} is corrupt ({e})") from None
     try:
         model.load_state_dict(weights)
@@ -114,7 +114,7 @@ def load_checkpoint(path: str, model: torch.nn.Module, optimizer=None) -> dict:
         file = os.path.join(path, "optimizer.safetensors")
         try:
             tensors = load_file(file)
-        except (SafetensorsError, OSError, ValueError, FileNotFoundError) as e:
+        except (SafetensorError, OSError, ValueError, FileNotFoundError) as e:
             raise CheckpointError(f"checkpoint: {file} is missing or corrupt ({e})") from None
         opt_state: dict = {}
         for key, val in tensors.items():

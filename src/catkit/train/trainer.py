@@ -126,16 +126,16 @@ class Trainer:
         g = torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + step)
         return self.train_data.sample(self.cfg.batch_size, g)
 
-    def train_step(self) -> dict:
-        """One optimizer step on this step's global batch; returns metrics (loss averaged over ranks)."""
+    def accumulate_gradients(self) -> torch.Tensor:
+        """Forward and backward over this rank's share of the step's global batch.
+
+        Leaves the (DDP-averaged) gradients in ``.grad``; returns the LM loss averaged over ranks.
+        """
         cfg, model = self.cfg, self.ddp or self.model
         inputs, targets = self.global_batch(self.step)
         per_rank = cfg.batch_size // self.world
         sl = slice(self.rank * per_rank, (self.rank + 1) * per_rank)
         inputs, targets = inputs[sl].to(self.device), targets[sl].to(self.device)
-        lr = lr_at(self.step, cfg)
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
         self.model.train()
         total = torch.zeros((), device=self.device)
         micro = per_rank // cfg.grad_accum
@@ -145,14 +145,22 @@ class Trainer:
                 loss, parts = self._loss(model, inputs[i * micro:(i + 1) * micro], targets[i * micro:(i + 1) * micro])
             (loss / cfg.grad_accum).backward()
             total += parts["lm_loss"].float() / cfg.grad_accum
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
         if self.world > 1:
             dist.all_reduce(total)
             total /= self.world
+        return total
+
+    def train_step(self) -> dict:
+        """One optimizer step on this step's global batch; returns metrics."""
+        lr = lr_at(self.step, self.cfg)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        loss = self.accumulate_gradients()
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
-        return {"step": self.step, "loss": float(total), "lr": lr, "grad_norm": float(grad_norm)}
+        return {"step": self.step, "loss": float(loss), "lr": lr, "grad_norm": float(grad_norm)}
 
     def _loss(self, model, inputs, targets):
         if self.ddp is None:
