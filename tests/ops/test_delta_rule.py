@@ -45,10 +45,10 @@ def _check(name, a, b, rtol):
     print(f"{name}: {err:.2e}")
 
 
-@pytest.mark.parametrize("T,BT,decay,coupled", [(63, 32, 1.0, False), (100, 64, 1.0, True),
-                                                 (100, 64, 20.0, False)])
-def test_chunk_matches_naive_fwd_bwd(seed, T, BT, decay, coupled):
-    K, V = 16, (16 if coupled else 32)
+@pytest.mark.parametrize("T,BT,K,decay,coupled", [(63, 32, 48, 1.0, False), (100, 64, 16, 1.0, True),
+                                                   (100, 64, 16, 20.0, False)])
+def test_chunk_matches_naive_fwd_bwd(seed, T, BT, K, decay, coupled):
+    V = K if coupled else 32
     x = _inputs(2, T, 2, K, V, decay=decay)
     bv = None if coupled else x["bv"]
     names = ["q", "k", "v", "g", "bk"] + ([] if coupled else ["bv"]) + ["s0"]

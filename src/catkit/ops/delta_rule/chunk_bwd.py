@@ -9,8 +9,9 @@ Kd = K * exp(G_C - G)::
     dP = scale * dO Vn^T, then dq, dk, dG from P and A, whose entries hold exp(G_i - G_j),
     and finally dg = reverse cumsum of dG inside the chunk (G is a within-chunk cumulative sum).
 
-``chunk_bwd_state`` runs the reverse recurrence per (sequence, head, V tile); ``chunk_bwd_grads``
-is parallel over chunks and writes dq, dk~, dv~ and dg (fp32, per channel).
+``chunk_bwd_state`` runs the reverse recurrence per (sequence, head, V tile); ``chunk_bwd_dap``
+(per chunk) writes dv~ and the gradients of A and P; ``chunk_bwd_dqkg`` (per chunk and block of key
+channels) writes dq, dk~ and dg (fp32, per channel).
 """
 
 from __future__ import annotations
@@ -20,16 +21,8 @@ import triton
 import triton.language as tl
 
 from catkit.ops.delta_rule.chunk_fwd import _dot_prec, _seq_bounds
-from catkit.utils.triton_utils import autotune
 
 
-@autotune(
-    configs=[triton.Config({}, num_warps=4, num_stages=1),
-             triton.Config({}, num_warps=8, num_stages=1),
-             triton.Config({}, num_warps=4, num_stages=2),
-             triton.Config({}, num_warps=2, num_stages=1)],
-    key=["BK", "BV", "BT"],
-)
 @triton.jit
 def chunk_bwd_state_kernel(q, k, G, W, P, do, dvn, dh, dht, dh0, cu_seqlens, chunk_offsets, scale,
                            H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr,
@@ -81,10 +74,11 @@ def chunk_bwd_state_kernel(q, k, G, W, P, do, dvn, dh, dht, dh0, cu_seqlens, chu
 
 
 @triton.jit
-def chunk_bwd_grads_kernel(q, k, v, G, Tm, vn, h, dh, do, dvn, dq, dk, dv, dg,
-                           chunk_indices, cu_seqlens, scale,
-                           H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr,
-                           BK: tl.constexpr, BV: tl.constexpr, DOT_PREC: tl.constexpr):
+def chunk_bwd_dap_kernel(k, v, G, Tm, vn, h, do, dvn, dv, dA, dP, chunk_indices, cu_seqlens, scale,
+                         H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr,
+                         BK: tl.constexpr, BV: tl.constexpr, DOT_PREC: tl.constexpr):
+    # dT = dU V^T + dW (K e^G)^T with dU = dVn, dW = -dVn S^T, i.e. dT = dVn (V - (K e^G) S)^T:
+    # a sum over V that needs no [C, K] gradient tile here.
     i_t, i_h = tl.program_id(0), tl.program_id(1)
     t0, eos = _seq_bounds(chunk_indices, cu_seqlens, i_t, BT)
     rows = tl.arange(0, BT)
@@ -95,20 +89,62 @@ def chunk_bwd_grads_kernel(q, k, v, G, Tm, vn, h, dh, do, dvn, dq, dk, dv, dg,
     off = (t0 + rows)[:, None] * (H * K) + i_h * K + ck[None, :]
     offc = (t0 + rows)[:, None] * (H * BT) + i_h * BT + cols[None, :]
     b_k = tl.load(k + off, mask=m, other=0.0).to(tl.float32)
+    b_G = tl.load(G + off, mask=m, other=0.0)
+    b_kg = b_k * tl.exp(b_G)
+    b_T = tl.load(Tm + offc, mask=valid[:, None], other=0.0)
+    b_dT = tl.zeros([BT, BT], dtype=tl.float32)
+    b_dP = tl.zeros([BT, BT], dtype=tl.float32)
+    for i_v in range(0, tl.cdiv(V, BV)):
+        cv = i_v * BV + tl.arange(0, BV)
+        mv = valid[:, None] & (cv[None, :] < V)
+        mkv = (ck[:, None] < K) & (cv[None, :] < V)
+        offv = (t0 + rows)[:, None] * (H * V) + i_h * V + cv[None, :]
+        b_S = tl.load(h + (i_t * H + i_h) * K * V + ck[:, None] * V + cv[None, :], mask=mkv, other=0.0)
+        b_v = tl.load(v + offv, mask=mv, other=0.0).to(tl.float32)
+        b_vn = tl.load(vn + offv, mask=mv, other=0.0)
+        b_dvn = tl.load(dvn + offv, mask=mv, other=0.0)
+        b_do = tl.load(do + offv, mask=mv, other=0.0).to(tl.float32)
+        b_r = b_v - tl.dot(b_kg, b_S, input_precision=DOT_PREC)
+        b_dT += tl.dot(b_dvn, tl.trans(b_r), input_precision=DOT_PREC)
+        b_dP += tl.dot(b_do, tl.trans(b_vn), input_precision=DOT_PREC)
+        b_dv = tl.dot(tl.trans(b_T), b_dvn, input_precision=DOT_PREC)
+        tl.store(dv + offv, b_dv.to(dv.dtype.element_ty), mask=mv)
+    b_dP = tl.where((rows[:, None] >= cols[None, :]) & valid[:, None], b_dP * scale, 0.0)
+    b_dA = -tl.dot(tl.trans(b_T), tl.dot(b_dT, tl.trans(b_T), input_precision=DOT_PREC),
+                   input_precision=DOT_PREC)
+    b_dA = tl.where((rows[:, None] > cols[None, :]) & valid[:, None], b_dA, 0.0)
+    mc = valid[:, None] & (cols[None, :] < BT)
+    tl.store(dA + offc, b_dA, mask=mc)
+    tl.store(dP + offc, b_dP, mask=mc)
+
+
+@triton.jit
+def chunk_bwd_dqkg_kernel(q, k, G, Tm, vn, h, dh, do, dvn, dA, dP, dq, dk, dg,
+                          chunk_indices, cu_seqlens, scale,
+                          H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr,
+                          BKS: tl.constexpr, BV: tl.constexpr, DOT_PREC: tl.constexpr):
+    # One program per (chunk, head, block of BKS key channels): every term below is separable
+    # over key channels once dA and dP are known.
+    i_t, i_h, i_k = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    t0, eos = _seq_bounds(chunk_indices, cu_seqlens, i_t, BT)
+    rows = tl.arange(0, BT)
+    cols = tl.arange(0, BT)
+    ck = i_k * BKS + tl.arange(0, BKS)
+    valid = (t0 + rows) < eos
+    m = valid[:, None] & (ck[None, :] < K)
+    off = (t0 + rows)[:, None] * (H * K) + i_h * K + ck[None, :]
+    offc = (t0 + rows)[:, None] * (H * BT) + i_h * BT + cols[None, :]
+    b_k = tl.load(k + off, mask=m, other=0.0).to(tl.float32)
     b_q = tl.load(q + off, mask=m, other=0.0).to(tl.float32)
     b_G = tl.load(G + off, mask=m, other=0.0)
-    b_T = tl.load(Tm + offc, mask=valid[:, None], other=0.0)
     last = tl.minimum(t0 + BT, eos) - 1
     G_l = tl.load(G + last * (H * K) + i_h * K + ck, mask=ck < K, other=0.0)
     b_eG = tl.exp(b_G)
 
-    # Terms that need a sum over V, accumulated tile by tile.
-    b_dW = tl.zeros([BT, BK], dtype=tl.float32)
-    b_dTv = tl.zeros([BT, BT], dtype=tl.float32)
-    b_dP = tl.zeros([BT, BT], dtype=tl.float32)
-    b_dKd = tl.zeros([BT, BK], dtype=tl.float32)
-    b_dQ = tl.zeros([BT, BK], dtype=tl.float32)
-    b_dGl = tl.zeros([BK], dtype=tl.float32)
+    b_dW = tl.zeros([BT, BKS], dtype=tl.float32)
+    b_dKd = tl.zeros([BT, BKS], dtype=tl.float32)
+    b_dQ = tl.zeros([BT, BKS], dtype=tl.float32)
+    b_dGl = tl.zeros([BKS], dtype=tl.float32)
     # chunk_indices is sequence-major, so the global chunk id i_t also indexes h and dh
     for i_v in range(0, tl.cdiv(V, BV)):
         cv = i_v * BV + tl.arange(0, BV)
@@ -118,36 +154,28 @@ def chunk_bwd_grads_kernel(q, k, v, G, Tm, vn, h, dh, do, dvn, dq, dk, dv, dg,
         off_s = (i_t * H + i_h) * K * V + ck[:, None] * V + cv[None, :]
         b_S = tl.load(h + off_s, mask=mkv, other=0.0)
         b_dSC = tl.load(dh + off_s, mask=mkv, other=0.0)
-        b_v = tl.load(v + offv, mask=mv, other=0.0).to(tl.float32)
         b_vn = tl.load(vn + offv, mask=mv, other=0.0)
         b_dvn = tl.load(dvn + offv, mask=mv, other=0.0)
         b_do = tl.load(do + offv, mask=mv, other=0.0).to(tl.float32)
         b_dW -= tl.dot(b_dvn, tl.trans(b_S), input_precision=DOT_PREC)
-        b_dTv += tl.dot(b_dvn, tl.trans(b_v), input_precision=DOT_PREC)
-        b_dP += tl.dot(b_do, tl.trans(b_vn), input_precision=DOT_PREC)
         b_dKd += tl.dot(b_vn, tl.trans(b_dSC), input_precision=DOT_PREC)
         b_dQ += tl.dot(b_do, tl.trans(b_S), input_precision=DOT_PREC)
         b_dGl += tl.sum(b_S * b_dSC, axis=1)
-        b_dv = tl.dot(tl.trans(b_T), b_dvn, input_precision=DOT_PREC)
-        tl.store(dv + offv, b_dv.to(dv.dtype.element_ty), mask=mv)
 
-    lower = (rows[:, None] >= cols[None, :]) & valid[:, None]
-    b_dP = tl.where(lower, b_dP * scale, 0.0)
+    b_T = tl.load(Tm + offc, mask=valid[:, None], other=0.0)
+    b_dA = tl.load(dA + offc, mask=valid[:, None], other=0.0)
+    b_dP = tl.load(dP + offc, mask=valid[:, None], other=0.0)
     b_dQ = b_dQ * scale * b_eG
     b_kg = b_k * b_eG
     b_dKg = tl.dot(tl.trans(b_T), b_dW, input_precision=DOT_PREC)
-    b_dT = b_dTv + tl.dot(b_dW, tl.trans(b_kg), input_precision=DOT_PREC)
-    b_dA = -tl.dot(tl.trans(b_T), tl.dot(b_dT, tl.trans(b_T), input_precision=DOT_PREC),
-                   input_precision=DOT_PREC)
-    b_dA = tl.where((rows[:, None] > cols[None, :]) & valid[:, None], b_dA, 0.0)
     b_ed = tl.where(m, tl.exp(tl.where(m, G_l[None, :] - b_G, 0.0)), 0.0)
     b_dGl = b_dGl * tl.exp(G_l) + tl.sum(b_k * b_ed * b_dKd, axis=0)
 
     # P_ij and A_ij hold exp(G_ic - G_jc) per channel: walk the columns j so the ratio is formed
     # with exponent <= 0, as in the forward.
-    b_dqP = tl.zeros([BT, BK], dtype=tl.float32)
-    b_dkA = tl.zeros([BT, BK], dtype=tl.float32)
-    b_dkJ = tl.zeros([BT, BK], dtype=tl.float32)
+    b_dqP = tl.zeros([BT, BKS], dtype=tl.float32)
+    b_dkA = tl.zeros([BT, BKS], dtype=tl.float32)
+    b_dkJ = tl.zeros([BT, BKS], dtype=tl.float32)
     for j in range(0, BT):
         jm = (ck < K) & ((t0 + j + ck * 0) < eos)
         k_j = tl.load(k + (t0 + j) * (H * K) + i_h * K + ck, mask=jm, other=0.0).to(tl.float32)
@@ -161,7 +189,7 @@ def chunk_bwd_grads_kernel(q, k, v, G, Tm, vn, h, dh, do, dvn, dq, dk, dv, dg,
         b_dqP += mP[:, None] * kE
         b_dkA += mA[:, None] * kE
         r = tl.sum((mP[:, None] * b_q + mA[:, None] * b_k) * E, axis=0)
-        b_dkJ = tl.where(rows[:, None] == j, r[None, :], b_dkJ)
+        b_dkJ += tl.where(rows[:, None] == j, r[None, :], 0.0)
 
     b_dq = b_dQ + b_dqP
     b_dk = b_dKg * b_eG + b_dKd * b_ed + b_dkA + b_dkJ
@@ -183,21 +211,27 @@ def chunk_bwd(q, k, v, G, Tm, W, P, vn, h, do, dht, scale, meta, need_dh0):
     N = meta["cu_seqlens"].numel() - 1
     NT = meta["chunk_indices"].shape[0]
     BK = max(16, triton.next_power_of_2(K))
-    BV = min(64, max(16, triton.next_power_of_2(V)))
+    BV = min(32, max(16, triton.next_power_of_2(V)))
+    BKS = min(32, BK)
     dev = q.device
     prec = _dot_prec(q.dtype)
+    ci, cu = meta["chunk_indices"], meta["cu_seqlens"]
     dvn = torch.empty(NTOK, H, V, device=dev, dtype=torch.float32)
     dh = torch.empty(NT, H, K, V, device=dev, dtype=torch.float32)
     dh0 = torch.empty(N, H, K, V, device=dev, dtype=torch.float32) if need_dh0 else dvn
     chunk_bwd_state_kernel[(triton.cdiv(V, BV), N * H)](
-        q, k, G, W, P, do, dvn, dh, dht if dht is not None else dvn, dh0, meta["cu_seqlens"],
+        q, k, G, W, P, do, dvn, dh, dht if dht is not None else dvn, dh0, cu,
         meta["chunk_offsets"], scale, H=H, K=K, V=V, BT=BT, BK=BK, BV=BV, HAS_DHT=dht is not None,
-        STORE_DH0=need_dh0, DOT_PREC=prec)
+        STORE_DH0=need_dh0, DOT_PREC=prec, num_warps=4)
+    dv = torch.empty_like(v)
+    dA = torch.empty(NTOK, H, BT, device=dev, dtype=torch.float32)
+    dP = torch.empty_like(dA)
+    chunk_bwd_dap_kernel[(NT, H)](k, v, G, Tm, vn, h, do, dvn, dv, dA, dP, ci, cu, scale, H=H, K=K,
+                                  V=V, BT=BT, BK=BK, BV=BV, DOT_PREC=prec, num_warps=4)
     dq = torch.empty_like(q)
     dk = torch.empty_like(k)
-    dv = torch.empty_like(v)
     dg = torch.empty(NTOK, H, K, device=dev, dtype=torch.float32)
-    chunk_bwd_grads_kernel[(NT, H)](q, k, v, G, Tm, vn, h, dh, do, dvn, dq, dk, dv, dg,
-                                    meta["chunk_indices"], meta["cu_seqlens"], scale, H=H, K=K, V=V,
-                                    BT=BT, BK=BK, BV=BV, DOT_PREC=prec, num_warps=8)
+    chunk_bwd_dqkg_kernel[(NT, H, triton.cdiv(K, BKS))](
+        q, k, G, Tm, vn, h, dh, do, dvn, dA, dP, dq, dk, dg, ci, cu, scale, H=H, K=K, V=V, BT=BT,
+        BKS=BKS, BV=BV, DOT_PREC=prec, num_warps=4)
     return dq, dk, dv, dg, (dh0 if need_dh0 else None)

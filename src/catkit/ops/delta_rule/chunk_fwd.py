@@ -25,7 +25,6 @@ import torch
 import triton
 import triton.language as tl
 
-from catkit.utils.triton_utils import autotune
 
 
 @triton.jit
@@ -62,35 +61,37 @@ def chunk_cumsum_kernel(g, G, chunk_indices, cu_seqlens, H: tl.constexpr, K: tl.
 
 @triton.jit
 def chunk_prep_kernel(q, k, G, Tm, W, P, chunk_indices, cu_seqlens,
-                      H: tl.constexpr, K: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
-                      DOT_PREC: tl.constexpr):
+                      H: tl.constexpr, K: tl.constexpr, BT: tl.constexpr, BKS: tl.constexpr,
+                      NK: tl.constexpr, DOT_PREC: tl.constexpr):
+    # K is walked in blocks of BKS channels so the [C, BKS] tiles stay small in registers.
     i_t, i_h = tl.program_id(0), tl.program_id(1)
     t0, eos = _seq_bounds(chunk_indices, cu_seqlens, i_t, BT)
     rows = tl.arange(0, BT)
     cols = tl.arange(0, BT)
-    ck = tl.arange(0, BK)
     valid = (t0 + rows) < eos
-    m = valid[:, None] & (ck[None, :] < K)
-    off = (t0 + rows)[:, None] * (H * K) + i_h * K + ck[None, :]
-    b_k = tl.load(k + off, mask=m, other=0.0).to(tl.float32)
-    b_q = tl.load(q + off, mask=m, other=0.0).to(tl.float32)
-    b_G = tl.load(G + off, mask=m, other=0.0)
 
-    # A and P one column j at a time: the [C, K] decay ratio exp(G_i - G_j) stays <= 1 for i >= j.
+    # A and P one column j at a time: the [C, BKS] decay ratio exp(G_i - G_j) stays <= 1 for i >= j.
     b_A = tl.zeros([BT, BT], dtype=tl.float32)
     b_P = tl.zeros([BT, BT], dtype=tl.float32)
-    for j in range(0, BT):
-        jm = (ck < K) & ((t0 + j + ck * 0) < eos)
-        k_j = tl.load(k + (t0 + j) * (H * K) + i_h * K + ck, mask=jm, other=0.0).to(tl.float32)
-        G_j = tl.load(G + (t0 + j) * (H * K) + i_h * K + ck, mask=jm, other=0.0)
-        lo = (rows[:, None] >= j) & m
-        E = tl.where(lo, tl.exp(tl.where(lo, b_G - G_j[None, :], 0.0)), 0.0)
-        kE = k_j[None, :] * E
-        colA = tl.where(rows > j, tl.sum(b_k * kE, axis=1), 0.0)
-        colP = tl.sum(b_q * kE, axis=1)
-        sel = cols[None, :] == j
-        b_A = tl.where(sel, colA[:, None], b_A)
-        b_P = tl.where(sel, colP[:, None], b_P)
+    for i_k in range(0, NK):
+        ck = i_k * BKS + tl.arange(0, BKS)
+        m = valid[:, None] & (ck[None, :] < K)
+        off = (t0 + rows)[:, None] * (H * K) + i_h * K + ck[None, :]
+        b_k = tl.load(k + off, mask=m, other=0.0).to(tl.float32)
+        b_q = tl.load(q + off, mask=m, other=0.0).to(tl.float32)
+        b_G = tl.load(G + off, mask=m, other=0.0)
+        for j in range(0, BT):
+            jm = (ck < K) & ((t0 + j + ck * 0) < eos)
+            k_j = tl.load(k + (t0 + j) * (H * K) + i_h * K + ck, mask=jm, other=0.0).to(tl.float32)
+            G_j = tl.load(G + (t0 + j) * (H * K) + i_h * K + ck, mask=jm, other=0.0)
+            lo = (rows[:, None] >= j) & m
+            E = tl.where(lo, tl.exp(tl.where(lo, b_G - G_j[None, :], 0.0)), 0.0)
+            kE = k_j[None, :] * E
+            colA = tl.where(rows > j, tl.sum(b_k * kE, axis=1), 0.0)
+            colP = tl.sum(b_q * kE, axis=1)
+            sel = cols[None, :] == j
+            b_A += tl.where(sel, colA[:, None], 0.0)
+            b_P += tl.where(sel, colP[:, None], 0.0)
 
     # T = (I + A)^-1 by forward substitution: T_i = e_i - sum_{j<i} A_ij T_j.
     b_T = tl.where(rows[:, None] == cols[None, :], 1.0, 0.0)
@@ -100,21 +101,20 @@ def chunk_prep_kernel(q, k, G, Tm, W, P, chunk_indices, cu_seqlens,
         new = tl.sum(a_i[:, None] * b_T, axis=0)
         b_T = tl.where(rows[:, None] == i, b_T - new[None, :], b_T)
 
-    b_W = tl.dot(b_T, b_k * tl.exp(b_G), input_precision=DOT_PREC)
-    tl.store(W + off, b_W, mask=m)
+    for i_k in range(0, NK):
+        ck = i_k * BKS + tl.arange(0, BKS)
+        m = valid[:, None] & (ck[None, :] < K)
+        off = (t0 + rows)[:, None] * (H * K) + i_h * K + ck[None, :]
+        b_k = tl.load(k + off, mask=m, other=0.0).to(tl.float32)
+        b_G = tl.load(G + off, mask=m, other=0.0)
+        b_W = tl.dot(b_T, b_k * tl.exp(b_G), input_precision=DOT_PREC)
+        tl.store(W + off, b_W, mask=m)
     offc = (t0 + rows)[:, None] * (H * BT) + i_h * BT + cols[None, :]
     mc = valid[:, None] & (cols[None, :] < BT)
     tl.store(Tm + offc, b_T, mask=mc)
     tl.store(P + offc, b_P, mask=mc)
 
 
-@autotune(
-    configs=[triton.Config({}, num_warps=4, num_stages=1),
-             triton.Config({}, num_warps=8, num_stages=1),
-             triton.Config({}, num_warps=4, num_stages=2),
-             triton.Config({}, num_warps=2, num_stages=1)],
-    key=["BK", "BV", "BT"],
-)
 @triton.jit
 def chunk_fwd_state_kernel(q, k, v, G, Tm, W, P, o, vn, h, h0, ht, cu_seqlens, chunk_offsets,
                            scale, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
@@ -189,7 +189,8 @@ def chunk_fwd(q, k, v, g, scale, initial_state, output_final_state, meta, save):
     N = meta["cu_seqlens"].numel() - 1
     NT = meta["chunk_indices"].shape[0]
     BK = max(16, triton.next_power_of_2(K))
-    BV = min(64, max(16, triton.next_power_of_2(V)))
+    BV = min(32, max(16, triton.next_power_of_2(V)))
+    BKS = min(32, BK)
     dev = q.device
     prec = _dot_prec(q.dtype)
     G = torch.empty(NTOK, H, K, device=dev, dtype=torch.float32)
@@ -199,7 +200,8 @@ def chunk_fwd(q, k, v, g, scale, initial_state, output_final_state, meta, save):
     P = torch.empty_like(Tm)
     W = torch.empty(NTOK, H, K, device=dev, dtype=torch.float32)
     chunk_prep_kernel[(NT, H)](q, k, G, Tm, W, P, meta["chunk_indices"], meta["cu_seqlens"],
-                               H=H, K=K, BT=BT, BK=BK, DOT_PREC=prec, num_warps=4)
+                               H=H, K=K, BT=BT, BKS=BKS, NK=triton.cdiv(K, BKS), DOT_PREC=prec,
+                               num_warps=4)
     o = torch.empty(NTOK, H, V, device=dev, dtype=q.dtype)
     vn = torch.empty(NTOK, H, V, device=dev, dtype=torch.float32) if save else o
     NC_TOT = NT
@@ -210,6 +212,6 @@ def chunk_fwd(q, k, v, g, scale, initial_state, output_final_state, meta, save):
     chunk_fwd_state_kernel[grid](q, k, v, G, Tm, W, P, o, vn, h, h0, ht, meta["cu_seqlens"],
                                  meta["chunk_offsets"], scale, H=H, K=K, V=V, BT=BT, BK=BK, BV=BV,
                                  HAS_H0=initial_state is not None, STORE_FINAL=output_final_state,
-                                 SAVE=save, DOT_PREC=prec)
+                                 SAVE=save, DOT_PREC=prec, num_warps=4)
     saved = dict(G=G, Tm=Tm, W=W, P=P, vn=vn, h=h) if save else None
     return o, (ht if output_final_state else None), saved
