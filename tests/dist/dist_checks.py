@@ -242,8 +242,25 @@ CHECKS.update(zero_range=_check_zero_range, outliers=_check_outliers, nan_inf=_c
 WORLD8_CHECKS = ["int6_g64_n2047", "nan_inf", "tp_exact"]
 
 
+def _poison_empty():
+    """As tests/conftest.py's ``poison_empty``, for this spawned rank: an unwritten byte shows."""
+    real = torch.empty, torch.empty_like, torch.Tensor.new_empty
+
+    def fill(t):
+        if t.is_floating_point():
+            t.fill_(float("nan"))
+        elif t.dtype != torch.bool:
+            t.fill_(-1)
+        return t
+
+    torch.empty = lambda *a, **k: fill(real[0](*a, **k))
+    torch.empty_like = lambda *a, **k: fill(real[1](*a, **k))
+    torch.Tensor.new_empty = lambda self, *a, **k: fill(real[2](self, *a, **k))
+
+
 def job(rank, world, seed, names):
     """Run the named checks on this rank; ``{name: ("ok" | failure text, info)}``."""
+    _poison_empty()
     report = {}
     for name in names:
         try:

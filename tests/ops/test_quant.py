@@ -181,3 +181,23 @@ def test_bad_inputs():
         quantize(x, 8, 32, rows=0)
     with pytest.raises(ValueError, match="q"):
         dequantize(x)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("spike", [False, True])
+def test_gpu_kernels_match_naive(seed, bits, spike):
+    """Compiled kernels (Triton on the GPU) vs naive.py on the same CUDA tensors."""
+    x = (torch.randn(3, 1_000_003, device="cuda") * 4).to(torch.bfloat16)
+    x.view(-1)[12345] = float("nan")
+    q = quantize(x, bits, 128, rows=2, spike_reserve=spike)
+    ref = naive.quantize(x, bits, 128, rows=2, spike_reserve=spike)
+    assert_same_qtensor(q, ref)
+    y = dequantize(q, out_dtype=torch.bfloat16)
+    torch.testing.assert_close(y.float(), naive.dequantize(ref).to(torch.bfloat16).float(), rtol=2**-7, atol=1e-5,
+                               equal_nan=True)
+    out_layout = QuantLayout(q.layout.n, 8, 128, spike)
+    got = reduce_requantize_fwd(q, out_layout, n_valid=q.layout.n - 77)
+    want = naive.quantize(naive.dequantize(q, reduce_rows=True), 8, 128, n_valid=q.layout.n - 77,
+                          spike_reserve=spike)
+    assert_same_qtensor(got, want)
