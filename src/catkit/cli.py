@@ -132,8 +132,13 @@ def cmd_bench(args) -> int:
         for s in suites.values():
             print(f"{s.name:20s} {'[gpu] ' if s.needs_gpu else ''}{s.help}")
         return 0
+    names = args.suite
+    if names == ["all"]:
+        import torch
+
+        names = [s.name for s in suites.values() if torch.cuda.is_available() or not s.needs_gpu]
     ok = True
-    for name in args.suite:
+    for name in names:
         try:
             ok &= run_suite(name, quick=args.quick, out_dir=args.out)["ok"]
         except (ValueError, RuntimeError) as e:
@@ -186,7 +191,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.set_defaults(fn=cmd_generate)
 
     b = sub.add_parser("bench", help="run benchmark suites (catkit vs its anchor)")
-    b.add_argument("suite", nargs="*")
+    b.add_argument("suite", nargs="*", help="suite names, or 'all'")
     b.add_argument("--quick", action="store_true", help="smallest sizes only")
     b.add_argument("--out", default="benchmarks/results", help="where the JSON goes")
     b.add_argument("--list", action="store_true")
