@@ -201,3 +201,50 @@ def test_gpu_kernels_match_naive(seed, bits, spike):
     want = naive.quantize(naive.dequantize(q, reduce_rows=True), 8, 128, n_valid=q.layout.n - 77,
                           spike_reserve=spike)
     assert_same_qtensor(got, want)
+
+
+_COMPILE_SCRIPT = r"""
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+import catkit.ops.quant.groupwise as gw
+
+LAYOUT = ["row_bytes", "row_meta", "scale_m", "min_m", "lo_m", "hi_m", "row_idx", "ilo_i", "ihi_i"]
+target = GPUTarget("cuda", 90, 32)
+
+def build(fn, names, ptrs, constexprs):
+    sig = {n: ptrs.get(n, "i32") for n in names}
+    sig.update({c: "constexpr" for c in constexprs})
+    triton.compile(ASTSource(fn=fn, signature=sig, constexprs=constexprs), target=target, options={"num_warps": 4})
+
+for bits, spike, G in ((4, True, 128), (8, False, 32)):
+    GB = gw._groups_per_program(G, 1 << 20)
+    base = {"G": G, "GB": GB, "BITS": bits, "SPIKE": spike}
+    build(gw._quant_kernel, ["x_ptr", "buf_ptr", "meta_ptr", "idx_ptr", "n_valid", "n_groups", "gpr"] + LAYOUT,
+          {"x_ptr": "*bf16", "buf_ptr": "*u8", "meta_ptr": "*fp16", "idx_ptr": "*i16"}, base)
+    build(gw._dequant_kernel, ["buf_ptr", "meta_ptr", "idx_ptr", "out_ptr", "n_out", "n_groups", "gpr", "rows"] + LAYOUT,
+          {"buf_ptr": "*u8", "meta_ptr": "*fp32", "idx_ptr": "*i16", "out_ptr": "*bf16"}, {**base, "REDUCE": not spike})
+    build(gw._reduce_requant_kernel,
+          ["buf_ptr", "meta_ptr", "idx_ptr", "rows", "gpr"] + LAYOUT + ["obuf_ptr", "ometa_ptr", "oidx_ptr", "n_valid"]
+          + ["o" + n for n in LAYOUT],
+          {"buf_ptr": "*u8", "meta_ptr": "*fp32", "idx_ptr": "*i16", "obuf_ptr": "*u8", "ometa_ptr": "*fp32",
+           "oidx_ptr": "*i16"}, {**base, "OBITS": 12 - bits, "OSPIKE": spike})
+print("compiled")
+"""
+
+
+@pytest.mark.slow
+def test_kernels_compile_for_sm90():
+    """The kernels compile to an sm_90 cubin with this machine's Triton, no GPU needed (a
+    separate process: under TRITON_INTERPRET=1 the kernels are interpreter objects)."""
+    import os
+    import subprocess
+    import sys
+
+    triton = pytest.importorskip("triton")
+    from triton.backends.compiler import GPUTarget  # noqa: F401
+
+    env = {**os.environ, "TRITON_INTERPRET": "0", "TRITON_DEFAULT_FP_FUSION": "1"}
+    r = subprocess.run([sys.executable, "-c", _COMPILE_SCRIPT], env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and "compiled" in r.stdout, r.stderr[-3000:]
+    assert triton is not None
