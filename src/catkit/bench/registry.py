@@ -22,6 +22,9 @@ import torch
 # Modules that define suites; imported lazily so ``catkit bench --list`` stays cheap.
 _SUITE_MODULES = [
     "catkit.bench.attention",
+    "catkit.bench.delta_rule",
+    "catkit.bench.sparse_attention",
+    "catkit.bench.comm",
 ]
 
 
