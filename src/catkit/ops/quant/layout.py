@@ -157,11 +157,6 @@ def row_length(numel: int, rows: int, group_size: int) -> int:
     return -(-per_row // group_size) * group_size
 
 
-def empty_qtensor(rows: int, layout: QuantLayout, device, numel: int) -> QTensor:
-    """A zero-filled buffer (padding bytes are part of what is sent, so they must be defined)."""
-    return QTensor(torch.zeros(rows, layout.row_bytes, dtype=torch.uint8, device=device), layout, numel)
-
-
 def pack_int4(codes: torch.Tensor) -> torch.Tensor:
     """``[..., 2k]`` integer codes in ``[0, 15]`` -> ``[..., k]`` uint8 (even index in the low nibble)."""
     if codes.shape[-1] % 2:
