@@ -2,10 +2,10 @@
 
 Each program owns one (sequence, KV head, split): it loads the query rows of the whole GQA group
 once, walks its share of the selected key blocks (dense, streaming pattern, or an index list),
-translating token positions to cache slots through the block table, and writes an un-normalised
-partial result with its base-2 logsumexp. A second kernel merges the splits of every query head by
-logsumexp. Only selected blocks are read, and each once per group, so bytes scale with the
-selection, not the context.
+translating token positions to cache slots through the block table, and writes its partial result
+with its base-2 logsumexp; the last split of each (sequence, KV head) to finish (an atomic counter)
+merges the splits by logsumexp, so a decode step is one launch. Only selected blocks are read, and
+each once per group, so bytes scale with the selection, not the context.
 
 Blocks are ``block_size`` tokens counted from position 0 (independent of ``page_size``); the query
 sits at position ``seq_lens[b] - 1``, so the result equals the last row of the prefill kernels.
@@ -37,12 +37,12 @@ MODE_DENSE, MODE_STREAM, MODE_INDEX = 0, 1, 2
 if triton is not None:
 
     @triton.jit
-    def _decode_split_kernel(Q, KC, VC, BT, SEQ, IDX, CNT, OP, LP, qk_scale,
+    def _decode_split_kernel(Q, KC, VC, BT, SEQ, IDX, CNT, OP, LP, O, LSE, LOCK, qk_scale,
                              stride_qb, stride_qh, stride_kp, stride_ks, stride_kh, stride_vp, stride_vs, stride_vh,
-                             stride_btb, stride_ib, stride_ih, stride_cb,
-                             H, SINK, RECENT, NSPLIT,
+                             stride_btb, stride_ib, stride_ih, stride_cb, stride_ob, stride_oh,
+                             H, HKV, SINK, RECENT, NSPLIT,
                              G: tl.constexpr, GP: tl.constexpr, BS: tl.constexpr, PAGE: tl.constexpr,
-                             BLOCK_N: tl.constexpr, D: tl.constexpr, MODE: tl.constexpr):
+                             BLOCK_N: tl.constexpr, D: tl.constexpr, MODE: tl.constexpr, LN2: tl.constexpr):
         b = tl.program_id(0)
         hkv = tl.program_id(1)
         sp = tl.program_id(2)
@@ -102,34 +102,53 @@ if triton is not None:
         empty = l_i == 0.0
         l_safe = tl.where(empty, 1.0, l_i)
         lse = tl.where(empty, float("-inf"), m_i + tl.log2(l_safe))
-        row = (b * H + heads) * NSPLIT + sp
-        tl.store(OP + row[:, None] * D + offs_d[None, :], acc / l_safe[:, None], mask=g_ok[:, None])
-        tl.store(LP + row, lse, mask=g_ok)
-
-    @triton.jit
-    def _decode_reduce_kernel(OP, LP, O, LSE, stride_ob, stride_oh, H, NSPLIT,
-                              NSP: tl.constexpr, D: tl.constexpr):
-        b = tl.program_id(0)
-        h = tl.program_id(1)
-        offs_s = tl.arange(0, NSP)
-        offs_d = tl.arange(0, D)
-        s_ok = offs_s < NSPLIT
-        row = (b * H + h) * NSPLIT
-        lse = tl.load(LP + row + offs_s, mask=s_ok, other=float("-inf"))
-        m = tl.max(lse, 0)
-        m = tl.where(m == float("-inf"), 0.0, m)  # all splits empty: weights 0, output 0
-        w = tl.exp2(lse - m)
-        den = tl.sum(w, 0)
-        part = tl.load(OP + (row + offs_s)[:, None] * D + offs_d[None, :], mask=s_ok[:, None], other=0.0)
-        den_safe = tl.where(den == 0.0, 1.0, den)
-        o = tl.sum(part * w[:, None], 0) / den_safe
-        tl.store(O + b * stride_ob + h * stride_oh + offs_d, o.to(O.dtype.element_ty))
-        tl.store(LSE + b * H + h, tl.where(den == 0.0, float("-inf"), m + tl.log2(den_safe)))
+        base = (b * H + heads) * NSPLIT
+        tl.store(OP + (base + sp)[:, None] * D + offs_d[None, :], acc / l_safe[:, None], mask=g_ok[:, None])
+        tl.store(LP + base + sp, lse, mask=g_ok)
+        # The last split of this (sequence, KV head) to finish merges all splits by logsumexp, so one
+        # launch does everything (a second launch costs more than the work at short selections).
+        # The barrier + acq_rel atomic order every thread's partial stores before the count.
+        tl.debug_barrier()
+        done = tl.atomic_add(LOCK + b * HKV + hkv, 1)
+        if done == NSPLIT - 1:
+            m = tl.zeros([GP], dtype=tl.float32) - float("inf")
+            for s in range(0, NSPLIT):
+                m = tl.maximum(m, tl.load(LP + base + s, mask=g_ok, other=float("-inf"), cache_modifier=".cg"))
+            m = tl.where(m == float("-inf"), 0.0, m)  # every split empty: weights 0, output 0
+            den = tl.zeros([GP], dtype=tl.float32)
+            out = tl.zeros([GP, D], dtype=tl.float32)
+            for s in range(0, NSPLIT):
+                w = tl.exp2(tl.load(LP + base + s, mask=g_ok, other=float("-inf"), cache_modifier=".cg") - m)
+                part = tl.load(OP + (base + s)[:, None] * D + offs_d[None, :], mask=g_ok[:, None], other=0.0,
+                               cache_modifier=".cg")
+                out += w[:, None] * part
+                den += w
+            den_safe = tl.where(den == 0.0, 1.0, den)
+            tl.store(O + b * stride_ob + heads[:, None] * stride_oh + offs_d[None, :],
+                     (out / den_safe[:, None]).to(O.dtype.element_ty), mask=g_ok[:, None])
+            tl.store(LSE + b * H + heads, tl.where(den == 0.0, float("-inf"), (m + tl.log2(den_safe)) * LN2),
+                     mask=g_ok)
+            tl.atomic_xchg(LOCK + b * HKV + hkv, 0)  # ready for the next call
 
 
 # ---------------------------------------------------------------------------------------------
 # Level 2: host launcher
 # ---------------------------------------------------------------------------------------------
+_LOCKS: dict = {}
+
+
+def _locks(device, n: int) -> torch.Tensor:
+    """Per-(sequence, KV head) split counters; kernels leave them at 0, so they are allocated once.
+
+    Shared per device: do not run two decodes on different streams of one device at once.
+    """
+    buf = _LOCKS.get(device)
+    if buf is None or buf.numel() < n:
+        buf = torch.zeros(max(n, 1024), dtype=torch.int32, device=device)
+        _LOCKS[device] = buf
+    return buf
+
+
 @functools.lru_cache(maxsize=None)
 def _num_sms(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
@@ -137,7 +156,7 @@ def _num_sms(device_index: int) -> int:
 
 def paged_decode_fwd(q, k_cache, v_cache, block_table, seq_lens, mode, sink, recent, block_indices, block_size,
                      scale, num_splits=None, block_n=None):
-    """Launch split + reduce; returns (o [B, H, D] in q's dtype, lse [B, H] natural log float32)."""
+    """One launch: splits plus the merge by the last split; returns (o [B, H, D] in q's dtype, lse [B, H] natural log float32)."""
     B, H, D = q.shape
     Hkv = k_cache.shape[2]
     page = k_cache.shape[1]
@@ -158,22 +177,22 @@ def paged_decode_fwd(q, k_cache, v_cache, block_table, seq_lens, mode, sink, rec
         sms = _num_sms(q.device.index or 0) if q.is_cuda else 8
         num_splits = max(1, min(max(n_sel_max, 1), triton.cdiv(4 * sms, B * Hkv)))
     G = H // Hkv
-    part = torch.empty(B, H, num_splits, D, dtype=torch.float32, device=q.device)
-    part_lse = torch.empty(B, H, num_splits, dtype=torch.float32, device=q.device)
+    # One float32 workspace for the partials, their lse and the final lse: fewer allocations.
+    n_part = B * H * num_splits
+    ws = torch.empty(n_part * (D + 1) + B * H, dtype=torch.float32, device=q.device)
     o = torch.empty(B, H, D, dtype=q.dtype, device=q.device)
-    lse = torch.empty(B, H, dtype=torch.float32, device=q.device)
+    lse = ws[n_part * (D + 1):].view(B, H)
     bn = block_n or min(block_size, 64)
     _decode_split_kernel[(B, Hkv, num_splits)](
-        q, k_cache, v_cache, bt, sl, idx, cnt, part, part_lse, scale * _LOG2E,
+        q, k_cache, v_cache, bt, sl, idx, cnt, ws, ws[n_part * D:], o, lse, _locks(q.device, B * Hkv),
+        scale * _LOG2E,
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
-        bt.stride(0), idx.stride(0), idx.stride(1) if idx.ndim > 1 else 0, cnt.stride(0),
-        H, sink, recent, num_splits,
+        bt.stride(0), idx.stride(0), idx.stride(1) if idx.ndim > 1 else 0, cnt.stride(0), o.stride(0), o.stride(1),
+        H, Hkv, sink, recent, num_splits,
         G=G, GP=max(16, triton.next_power_of_2(G)), BS=block_size, PAGE=page, BLOCK_N=bn, D=D, MODE=mode,
-        num_warps=4, num_stages=2)
-    _decode_reduce_kernel[(B, H)](part, part_lse, o, lse, o.stride(0), o.stride(1), H, num_splits,
-                                  NSP=triton.next_power_of_2(num_splits), D=D, num_warps=4)
-    return o, lse * _LN2
+        LN2=_LN2, num_warps=4, num_stages=2)
+    return o, lse
 
 
 # ---------------------------------------------------------------------------------------------
@@ -300,6 +319,9 @@ def paged_decode_attention(q, k_cache, v_cache, block_table, seq_lens, *, sink_b
                                               block_size=block_size, scale=scale, return_lse=True)
         o, lse = o.to(q.dtype), lse.float()
     else:
-        o, lse = _PagedDecode.apply(q, k_cache, v_cache, block_table, seq_lens, mode, sink, recent, block_indices,
-                                    block_size, scale, num_splits)
+        args = (q, k_cache, v_cache, block_table, seq_lens, mode, sink, recent, block_indices, block_size, scale,
+                num_splits)
+        # The autograd wrapper only matters when a graph is being recorded; skipping it saves host time.
+        needs_graph = torch.is_grad_enabled() and (q.requires_grad or k_cache.requires_grad or v_cache.requires_grad)
+        o, lse = _PagedDecode.apply(*args) if needs_graph else paged_decode_fwd(*args)
     return (o, lse) if return_lse else o

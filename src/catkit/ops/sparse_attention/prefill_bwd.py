@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from catkit.ops.sparse_attention.prefill_fwd import LOG2E, MODE_INDEX, Plan, pick_tiles
+from catkit.ops.sparse_attention.prefill_fwd import LOG2E, MODE_INDEX, Plan, pick_tiles, run_tuned, tuned
 from catkit.utils.triton_utils import triton_available
 
 if triton_available():
@@ -67,9 +67,10 @@ if triton is not None:
                    stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
                    stride_ib, stride_ih, stride_iq, stride_cb, stride_ch,
                    H, SINK, RECENT,
-                   G: tl.constexpr, BS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                   D: tl.constexpr, MODE: tl.constexpr):
-        # q, do and dq share one contiguous [total, H, D] layout (stride_qt / stride_qh).
+                   G: tl.constexpr, BS: tl.constexpr, D: tl.constexpr, MODE: tl.constexpr,
+                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HPP: tl.constexpr):
+        # q, do and dq share one contiguous [total, H, D] layout (stride_qt / stride_qh). Rows stack
+        # HPP heads of one GQA group x BLOCK_M tokens, as in the forward.
         pid_h = tl.program_id(0)
         pid_m = tl.program_id(1)
         pid_b = tl.program_id(2)
@@ -77,20 +78,22 @@ if triton is not None:
         L = tl.load(CU + pid_b + 1) - bos
         m0 = pid_m * BLOCK_M
         if m0 < L:
-            hkv = pid_h // G
+            hkv = (pid_h * HPP) // G
             qb = m0 // BS
-            offs_m = m0 + tl.arange(0, BLOCK_M)
+            rows = tl.arange(0, HPP * BLOCK_M)
+            offs_m = m0 + rows % BLOCK_M
+            head = pid_h * HPP + rows // BLOCK_M
             offs_d = tl.arange(0, D)
             row_ok = offs_m < L
-            qo = (bos + offs_m)[:, None] * stride_qt + pid_h * stride_qh + offs_d[None, :]
+            qo = (bos + offs_m)[:, None] * stride_qt + head[:, None] * stride_qh + offs_d[None, :]
             q = tl.load(Q + qo, mask=row_ok[:, None], other=0.0)
             do = tl.load(DO + qo, mask=row_ok[:, None], other=0.0)
-            lse = tl.load(LSE + (bos + offs_m) * H + pid_h, mask=row_ok, other=float("inf"))
+            lse = tl.load(LSE + (bos + offs_m) * H + head, mask=row_ok, other=float("inf"))
             lse = tl.where(lse == float("-inf"), float("inf"), lse)  # empty rows: p = 0, grads 0
-            delta = tl.load(DELTA + (bos + offs_m) * H + pid_h, mask=row_ok, other=0.0)
+            delta = tl.load(DELTA + (bos + offs_m) * H + head, mask=row_ok, other=0.0)
             Kb = K + bos * stride_kt + hkv * stride_kh
             Vb = V + bos * stride_vt + hkv * stride_vh
-            dq = tl.zeros([BLOCK_M, D], dtype=tl.float32)
+            dq = tl.zeros([HPP * BLOCK_M, D], dtype=tl.float32)
             if MODE == 0:
                 w_lo = tl.maximum(qb - RECENT + 1, 0)
                 if qb < SINK:
@@ -231,6 +234,9 @@ if triton is not None:
                          dv.to(DV.dtype.element_ty), mask=col_ok[:, None])
 
 
+    _dq_kernel_tuned = tuned(_dq_kernel)
+
+
 # ---------------------------------------------------------------------------------------------
 # Level 2: host launcher
 # ---------------------------------------------------------------------------------------------
@@ -248,7 +254,7 @@ def block_sparse_attention_bwd(do, q, k, v, o, lse, plan: Plan, scale: float, ti
     _delta_kernel[(triton.cdiv(n_rows, 64),)](o, dof, delta, n_rows, D=D, BLOCK_R=64)
 
     bs = plan.block_size
-    bm, bn, w, s = pick_tiles("dkdv", bs, D, tiles)
+    bm, bn, w, s, _ = pick_tiles("dkdv", bs, D, tiles)
     n_main = triton.cdiv(plan.max_len, bn)
     if plan.mode == MODE_INDEX:
         ridx, rcnt = plan.reverse()
@@ -274,14 +280,16 @@ def block_sparse_attention_bwd(do, q, k, v, o, lse, plan: Plan, scale: float, ti
         _write_sink_rows(dk, scr_k.sum(0), plan, T)
         _write_sink_rows(dv, scr_v.sum(0), plan, T)
 
-    bm, bn, w, s = pick_tiles("dq", bs, D, tiles)
-    _dq_kernel[(H, triton.cdiv(plan.max_len, bm), plan.n_seq)](
-        qf, kf, vf, dof, lse, delta, dq, plan.cu, plan.idx, plan.cnt, scale * LOG2E, scale,
-        qf.stride(0), qf.stride(1), kf.stride(0), kf.stride(1), vf.stride(0), vf.stride(1),
-        plan.idx.stride(0), plan.idx.stride(1), plan.idx.stride(2), plan.cnt.stride(0), plan.cnt.stride(1),
-        H, plan.sink, plan.recent,
-        G=H // Hkv, BS=bs, BLOCK_M=bm, BLOCK_N=bn, D=D, MODE=plan.mode,
-        num_warps=w, num_stages=s)
+    args = (qf, kf, vf, dof, lse, delta, dq, plan.cu, plan.idx, plan.cnt, scale * LOG2E, scale,
+            qf.stride(0), qf.stride(1), kf.stride(0), kf.stride(1), vf.stride(0), vf.stride(1),
+            plan.idx.stride(0), plan.idx.stride(1), plan.idx.stride(2), plan.cnt.stride(0), plan.cnt.stride(1),
+            H, plan.sink, plan.recent)
+    meta = dict(G=H // Hkv, BS=bs, D=D, MODE=plan.mode)
+    grid = lambda M: (H // M["HPP"], triton.cdiv(plan.max_len, M["BLOCK_M"]), plan.n_seq)  # noqa: E731
+    if not (tiles is None and q.is_cuda and run_tuned(_dq_kernel_tuned, grid, args, meta)):
+        bm, bn, w, s, hpp = pick_tiles("dq", bs, D, tiles, H // Hkv)
+        _dq_kernel[(H // hpp, triton.cdiv(plan.max_len, bm), plan.n_seq)](
+            *args, **meta, BLOCK_M=bm, BLOCK_N=bn, HPP=hpp, num_warps=w, num_stages=s)
     return dq.view_as(q), dk.view_as(k), dv.view_as(v)
 
 

@@ -65,8 +65,10 @@ if triton is not None:
                     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh,
                     stride_ib, stride_ih, stride_iq, stride_cb, stride_ch,
                     H, SINK, RECENT,
-                    G: tl.constexpr, BS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                    D: tl.constexpr, MODE: tl.constexpr):
+                    G: tl.constexpr, BS: tl.constexpr, D: tl.constexpr, MODE: tl.constexpr,
+                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HPP: tl.constexpr):
+        # A program owns HPP query heads of one GQA group x BLOCK_M tokens, stacked as rows, so
+        # every K/V tile it loads feeds HPP heads (less L2 -> SM traffic per FLOP).
         pid_h = tl.program_id(0)
         pid_m = tl.program_id(1)
         pid_b = tl.program_id(2)
@@ -74,18 +76,20 @@ if triton is not None:
         L = tl.load(CU + pid_b + 1) - bos
         m0 = pid_m * BLOCK_M
         if m0 < L:
-            hkv = pid_h // G
+            hkv = (pid_h * HPP) // G
             qb = m0 // BS
-            offs_m = m0 + tl.arange(0, BLOCK_M)
+            rows = tl.arange(0, HPP * BLOCK_M)
+            offs_m = m0 + rows % BLOCK_M
+            head = pid_h * HPP + rows // BLOCK_M
             offs_d = tl.arange(0, D)
             row_ok = offs_m < L
-            q = tl.load(Q + (bos + offs_m)[:, None] * stride_qt + pid_h * stride_qh + offs_d[None, :],
+            q = tl.load(Q + (bos + offs_m)[:, None] * stride_qt + head[:, None] * stride_qh + offs_d[None, :],
                         mask=row_ok[:, None], other=0.0)
             Kb = K + bos * stride_kt + hkv * stride_kh
             Vb = V + bos * stride_vt + hkv * stride_vh
-            acc = tl.zeros([BLOCK_M, D], dtype=tl.float32)
-            m_i = tl.zeros([BLOCK_M], dtype=tl.float32) - 1.0e30
-            l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+            acc = tl.zeros([HPP * BLOCK_M, D], dtype=tl.float32)
+            m_i = tl.zeros([HPP * BLOCK_M], dtype=tl.float32) - 1.0e30
+            l_i = tl.zeros([HPP * BLOCK_M], dtype=tl.float32)
             if MODE == 0:
                 # Window blocks [w_lo, qb] (own block included when recent >= 1 or qb is a sink),
                 # sink blocks [0, min(SINK, w_lo)).
@@ -116,39 +120,85 @@ if triton is not None:
             l_safe = tl.where(empty, 1.0, l_i)
             o = acc / l_safe[:, None]
             lse = tl.where(empty, float("-inf"), m_i + tl.log2(l_safe))
-            tl.store(O + (bos + offs_m)[:, None] * stride_ot + pid_h * stride_oh + offs_d[None, :],
+            tl.store(O + (bos + offs_m)[:, None] * stride_ot + head[:, None] * stride_oh + offs_d[None, :],
                      o.to(O.dtype.element_ty), mask=row_ok[:, None])
-            tl.store(LSE + (bos + offs_m) * H + pid_h, lse, mask=row_ok)
+            tl.store(LSE + (bos + offs_m) * H + head, lse, mask=row_ok)
+
+
+    _fwd_kernel_tuned = None  # set below, once ``tuned`` is defined
 
 
 # ---------------------------------------------------------------------------------------------
 # Level 2: host plan, tiles and launcher
 # ---------------------------------------------------------------------------------------------
-# Tile sizes per pass: (BLOCK_M, BLOCK_N, num_warps, num_stages), for d = 128 on an H100; tests
-# pass smaller ones through ``tiles`` so the interpreter stays fast.
+# Tiles per pass: (BLOCK_M, BLOCK_N, num_warps, num_stages[, HPP]); BLOCK_M counts tokens, HPP is
+# the number of query heads of one GQA group a program stacks (rows = HPP * BLOCK_M). On a GPU,
+# fwd and dq are autotuned over ATTN_CONFIGS (keyed on D, block size, group size, mode); dkdv uses
+# the table below (its grid depends on BLOCK_N). Tests pass small tiles through ``tiles``.
 GPU_TILES = {
-    "fwd": {128: (128, 64, 8, 3), 64: (64, 64, 4, 3)},
-    "dq": {128: (64, 64, 4, 2), 64: (64, 64, 4, 2)},
-    "dkdv": {128: (64, 128, 8, 2), 64: (32, 64, 4, 2)},
+    "fwd": {128: (128, 64, 8, 3, 1), 64: (64, 64, 4, 3, 1)},
+    "dq": {128: (64, 64, 4, 2, 1), 64: (64, 64, 4, 2, 1)},
+    "dkdv": {128: (32, 64, 4, 2, 1), 64: (32, 64, 4, 2, 1)},
 }
+ATTN_CONFIGS = [  # (BLOCK_M, BLOCK_N, HPP, num_warps, num_stages); the last one fits every case
+    (128, 64, 1, 8, 3), (128, 32, 1, 4, 4), (64, 64, 2, 8, 3), (64, 32, 2, 4, 4), (32, 64, 4, 8, 3),
+    (64, 64, 1, 4, 2), (64, 64, 1, 4, 3),
+]
 
 
-def pick_tiles(kind: str, block_size: int, D: int, tiles: dict | None):
+def _prune(configs, named_args, **kwargs):
+    a = {**named_args, **kwargs}
+    bs, g = a["BS"], a["G"]
+    ok = [c for c in configs if bs % c.kwargs["BLOCK_M"] == 0 and c.kwargs["BLOCK_M"] % c.kwargs["BLOCK_N"] == 0
+          and g % c.kwargs["HPP"] == 0]
+    return ok or configs[-1:]
+
+
+def tuned(kernel):
+    """``kernel`` autotuned over ATTN_CONFIGS (GPU launches without explicit tiles use this)."""
+    from catkit.utils.triton_utils import autotune
+
+    cfgs = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "HPP": h}, num_warps=w, num_stages=st)
+            for bm, bn, h, w, st in ATTN_CONFIGS]
+    return autotune(cfgs, key=["D", "BS", "G", "MODE"], prune_configs_by={"early_config_prune": _prune})(kernel)
+
+
+TUNING = {"on": True}  # switched off (with a warning) if autotuning ever fails on this machine
+
+
+def run_tuned(kernel, grid, args, meta) -> bool:
+    """Launch an autotuned kernel; False (and fixed tiles from then on) if tuning fails."""
+    if not TUNING["on"]:
+        return False
+    try:
+        kernel[grid](*args, **meta)
+        return True
+    except Exception as e:  # noqa: BLE001 - a tuning failure must not take training down
+        import warnings
+
+        warnings.warn(f"sparse_attention autotuning failed ({type(e).__name__}: {e}); using fixed tiles")
+        TUNING["on"] = False
+        return False
+
+
+def pick_tiles(kind: str, block_size: int, D: int, tiles: dict | None, G: int = 1):
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages, HPP) for one pass, checked against the block size."""
     if tiles is not None and kind in tiles:
-        bm, bn, w, s = tiles[kind]
+        cfg = tuple(tiles[kind])
     elif block_size in GPU_TILES[kind]:
-        bm, bn, w, s = GPU_TILES[kind][block_size]
+        cfg = GPU_TILES[kind][block_size]
         if D <= 32:
-            w = 4
+            cfg = (cfg[0], cfg[1], 4) + tuple(cfg[3:])
     else:
-        bm = bn = min(block_size, 64)
-        w, s = 4, 2
+        cfg = (min(block_size, 64), min(block_size, 64), 4, 2)
+    bm, bn, w, s = cfg[:4]
+    hpp = cfg[4] if len(cfg) > 4 else 1
     # Tiles never straddle a sparse block and the inner tile divides the outer one, so every range
     # the kernels walk is tile aligned (the unmasked loops rely on it).
     inner_ok = (bm % bn == 0) if kind != "dkdv" else (bn % bm == 0)
-    if block_size % bm or block_size % bn or not inner_ok:
-        raise ValueError(f"_tiles: {kind} tiles {(bm, bn)} do not fit block_size {block_size}")
-    return bm, bn, w, s
+    if block_size % bm or block_size % bn or not inner_ok or G % hpp:
+        raise ValueError(f"_tiles: {kind} tiles {cfg} do not fit block_size {block_size} / group {G}")
+    return bm, bn, w, s, hpp
 
 
 class Plan:
@@ -199,15 +249,20 @@ def block_sparse_attention_fwd(q, k, v, plan: Plan, scale: float, tiles=None):
     qf, kf, vf = q.reshape(B * T, H, D), k.reshape(B * T, Hkv, D), v.reshape(B * T, Hkv, D)
     o = torch.empty_like(qf)
     lse = torch.empty(B * T, H, dtype=torch.float32, device=q.device)
-    bm, bn, w, s = pick_tiles("fwd", plan.block_size, D, tiles)
     if plan.n_seq > 0 and plan.max_len > 0:
-        grid = (H, triton.cdiv(plan.max_len, bm), plan.n_seq)
-        _fwd_kernel[grid](
-            qf, kf, vf, o, lse, plan.cu, plan.idx, plan.cnt, scale * LOG2E,
-            qf.stride(0), qf.stride(1), kf.stride(0), kf.stride(1), vf.stride(0), vf.stride(1),
-            o.stride(0), o.stride(1),
-            plan.idx.stride(0), plan.idx.stride(1), plan.idx.stride(2), plan.cnt.stride(0), plan.cnt.stride(1),
-            H, plan.sink, plan.recent,
-            G=H // Hkv, BS=plan.block_size, BLOCK_M=bm, BLOCK_N=bn, D=D, MODE=plan.mode,
-            num_warps=w, num_stages=s)
+        args = (qf, kf, vf, o, lse, plan.cu, plan.idx, plan.cnt, scale * LOG2E,
+                qf.stride(0), qf.stride(1), kf.stride(0), kf.stride(1), vf.stride(0), vf.stride(1),
+                o.stride(0), o.stride(1),
+                plan.idx.stride(0), plan.idx.stride(1), plan.idx.stride(2), plan.cnt.stride(0), plan.cnt.stride(1),
+                H, plan.sink, plan.recent)
+        meta = dict(G=H // Hkv, BS=plan.block_size, D=D, MODE=plan.mode)
+        grid = lambda M: (H // M["HPP"], triton.cdiv(plan.max_len, M["BLOCK_M"]), plan.n_seq)  # noqa: E731
+        if not (tiles is None and q.is_cuda and run_tuned(_fwd_kernel_tuned, grid, args, meta)):
+            bm, bn, w, s, hpp = pick_tiles("fwd", plan.block_size, D, tiles, H // Hkv)
+            _fwd_kernel[(H // hpp, triton.cdiv(plan.max_len, bm), plan.n_seq)](
+                *args, **meta, BLOCK_M=bm, BLOCK_N=bn, HPP=hpp, num_warps=w, num_stages=s)
     return o.view(B, T, H, D), lse
+
+
+if triton is not None:
+    _fwd_kernel_tuned = tuned(_fwd_kernel)
