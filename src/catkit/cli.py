@@ -1,4 +1,4 @@
-"""The ``catkit`` command: demo | train | generate | bench | info."""
+"""The ``catkit`` command: demo | train | generate | bench | reproduce | info."""
 
 from __future__ import annotations
 
@@ -147,6 +147,19 @@ def cmd_bench(args) -> int:
     return 0 if ok else 1
 
 
+def cmd_reproduce(args) -> int:
+    from catkit.reproduce.registry import load_reproductions, run_reproduction
+
+    if args.list or not args.name:
+        for r in load_reproductions().values():
+            print(f"{r.name:12s} {r.help}")
+        return 0
+    out = args.out or os.path.join(env.runs_dir(), "reproduce", args.name)
+    run_reproduction(args.name, out, quick=args.quick)
+    print(f"report: {os.path.join(out, 'report.md')}")
+    return 0
+
+
 def cmd_demo(args) -> int:
     from catkit.train.demo import run_demo
 
@@ -196,6 +209,13 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--out", default="benchmarks/results", help="where the JSON goes")
     b.add_argument("--list", action="store_true")
     b.set_defaults(fn=cmd_bench)
+
+    r = sub.add_parser("reproduce", help="small-scale reproduction of a paper's claim")
+    r.add_argument("name", nargs="?")
+    r.add_argument("--out", default=None, help="default runs/reproduce/<name>")
+    r.add_argument("--quick", action="store_true", help="CPU-sized version (minutes on 2 cores)")
+    r.add_argument("--list", action="store_true")
+    r.set_defaults(fn=cmd_reproduce)
     return p
 
 
