@@ -146,8 +146,14 @@ def _check_fallback_and_special(rank, world, seed):
     assert flash_all_reduce(e).shape == (0, 4)
     # the input is not modified
     before = xs[rank].clone()
-    flash_all_reduce(xs[rank], bits=4)
+    y4 = flash_all_reduce(xs[rank], bits=4)
     assert torch.equal(before, xs[rank])
+    # inplace: same numbers, written into x, on both the compressed and the fallback path
+    buf = xs[rank].clone()
+    assert flash_all_reduce(buf, bits=4, inplace=True) is buf and torch.equal(buf, y4)
+    buf = xs[rank].clone()
+    flash_all_reduce(buf, min_bytes=1 << 30, inplace=True)
+    torch.testing.assert_close(buf, sum(xs), rtol=1e-6, atol=1e-6)
 
 
 def _check_bad_input(rank, world, seed):
@@ -161,6 +167,10 @@ def _check_bad_input(rank, world, seed):
     for kw, name in cases:
         with pytest.raises(ValueError, match=name):
             flash_all_reduce(x, **kw)
+    with pytest.raises(ValueError, match="contiguous"):
+        flash_all_reduce(torch.randn(10, 10).t(), inplace=True)
+    with pytest.raises(ValueError, match="grad"):
+        flash_all_reduce(torch.randn(10, requires_grad=True), inplace=True)
     for bad_x in (torch.arange(10), torch.randn(4, dtype=torch.float64), [1.0, 2.0]):
         with pytest.raises(ValueError, match="x"):
             flash_all_reduce(bad_x)

@@ -16,7 +16,9 @@ RMS error against the exact fp32 all-reduce of the same inputs. ``correct`` requ
 identical results on every rank and an error under the bit width's tolerance. Summary rows
 ``fallback_<method>`` give the measured crossover (``fallback_bytes_measured``: the smallest
 size from which the method beats NCCL at every larger size) and ``recommended_fallback_bytes``
-(the largest over methods) for ``catkit.dist.flash_all_reduce.FALLBACK_BYTES["nccl"]``.
+(the largest over methods) for ``catkit.dist.flash_all_reduce.FALLBACK_BYTES["nccl"]``. A second
+pass times ``flash_<bits>_auto`` (the library call with that measured threshold, i.e. what a user
+gets: NCCL below it, compression above), each again next to a fresh NCCL time.
 
 Smoke test without a GPU: ``python -m catkit.bench.comm --device cpu`` (gloo, tiny sizes).
 GPU: ``python -m catkit.bench.comm --out DIR [--quick]`` or ``catkit bench comm``.
@@ -108,58 +110,80 @@ def _same_everywhere(y: torch.Tensor) -> bool:
     return bool(torch.equal(hi.nan_to_num(1e30), t.nan_to_num(1e30)))  # max == mine for +v and -v
 
 
-def _rank_job(rank: int, world: int, sizes: list[int], quick: bool, device: str) -> list[dict] | None:
+def _measure(size: int, world: int, methods: dict, min_bytes: dict, quick: bool, dev, card: str, g) -> list[dict]:
+    """Time and check every method at one size; ``methods`` maps name -> (bits, gather_bits) | None."""
     from catkit.dist import flash_all_reduce
     from catkit.utils.testing import rel_rms
 
+    cuda = dev.type == "cuda"
+    numel = size // 2
+    # rotate buffers so large messages are not served from L2 (50 MB on H100/H200)
+    nbuf = max(2, min(8, math.ceil((128 << 20) / size)))
+    xs = [torch.randn(numel, generator=g, device=dev).to(torch.bfloat16) for _ in range(nbuf)]
+    exact = xs[0].float()
+    dist.all_reduce(exact)
+    iters = 10 if quick or not cuda else (20 if size >= 64 << 20 else 50)
+    warmup = 3 if not cuda else 5
+    rows, times = [], {}
+    for method, spec in methods.items():
+        it = iter(range(1 << 30))
+        if spec is None:
+            scratch = [x.clone() for x in xs]
+            y = xs[0].clone()
+            dist.all_reduce(y)
+            # in place on scratch copies: values grow each call, speed does not depend on them
+            fn = lambda: dist.all_reduce(scratch[next(it) % nbuf])  # noqa: E731
+        else:
+            kw = dict(bits=spec[0], gather_bits=spec[1], group_size=GROUP_SIZE, min_bytes=min_bytes.get(method, 0))
+            y = flash_all_reduce(xs[0], **kw)
+            scratch = [x.clone() for x in xs]
+            # in place like the NCCL call (no output allocation), on the same kind of scratch copies
+            fn = lambda kw=kw: flash_all_reduce(scratch[next(it) % nbuf], inplace=True, **kw)  # noqa: E731
+        same = _same_everywhere(y)
+        err = rel_rms(y.float(), exact)
+        ms = _timed(fn, iters, warmup, cuda)
+        times[method] = ms
+        base = method.removesuffix("_auto")
+        wire = _wire_bytes(numel, world, base)
+        if spec is not None and size < min_bytes.get(method, 0):
+            wire = _wire_bytes(numel, world, "nccl_bf16")  # the fallback sends bf16
+        row = {
+            "size": _fmt_bytes(size), "bytes": size, "method": method, "world": world, "card": card,
+            "ms": ms, "nccl_ms": times["nccl_bf16"],
+            "busbw_GBps": 2.0 * (world - 1) / world * size / (ms * 1e-3) / 1e9,
+            "wire_MB": wire / 2**20,
+            "ideal_ms": times["nccl_bf16"] * wire / _wire_bytes(numel, world, "nccl_bf16"),
+            "rel_err": err,
+            "correct": bool(math.isfinite(err) and same and err <= TOLERANCE[base]),
+        }
+        if spec is not None:
+            row["speedup_vs_nccl"] = times["nccl_bf16"] / ms
+            row["ideal_speedup"] = times["nccl_bf16"] / row["ideal_ms"]
+        rows.append(row)
+    return rows
+
+
+def _rank_job(rank: int, world: int, sizes: list[int], quick: bool, device: str) -> list[dict] | None:
+    """Pass 1: every method with the fallback off. Pass 2: the same with each method's measured
+    threshold (``*_auto``: what a user gets), to show no size is slower than NCCL after it.
+    Times are max-reduced over ranks, so every rank derives the same thresholds."""
     cuda = device == "cuda"
     dev = torch.device("cuda", rank) if cuda else torch.device("cpu")
     card = torch.cuda.get_device_name(dev) if cuda else "CPU"
-    rows = []
     g = torch.Generator(device=dev).manual_seed(1234 + rank)
+    rows = []
     for size in sizes:
-        numel = size // 2
-        # rotate buffers so large messages are not served from L2 (50 MB on H100/H200)
-        nbuf = max(2, min(8, math.ceil((128 << 20) / size)))
-        xs = [torch.randn(numel, generator=g, device=dev).to(torch.bfloat16) for _ in range(nbuf)]
-        exact = xs[0].float()
-        dist.all_reduce(exact)
-        iters = 10 if quick or not cuda else (20 if size >= 64 << 20 else 50)
-        warmup = 3 if not cuda else 5
-        times = {}
-        for method, spec in METHODS.items():
-            if spec is None:
-                scratch = [x.clone() for x in xs]
-                y = xs[0].clone()
-                dist.all_reduce(y)
-                it = iter(range(1 << 30))
-                # in place on scratch copies: values grow each call, speed does not depend on them
-                fn = lambda: dist.all_reduce(scratch[next(it) % nbuf])  # noqa: E731
-            else:
-                bits, gbits = spec
-                y = flash_all_reduce(xs[0], bits=bits, gather_bits=gbits, group_size=GROUP_SIZE, min_bytes=0)
-                it = iter(range(1 << 30))
-                fn = lambda bits=bits, gbits=gbits: flash_all_reduce(  # noqa: E731
-                    xs[next(it) % nbuf], bits=bits, gather_bits=gbits, group_size=GROUP_SIZE, min_bytes=0)
-            same = _same_everywhere(y)
-            err = rel_rms(y.float(), exact)
-            ms = _timed(fn, iters, warmup, cuda)
-            times[method] = ms
-            wire = _wire_bytes(numel, world, method)
-            row = {
-                "size": _fmt_bytes(size), "bytes": size, "method": method, "world": world, "card": card,
-                "ms": ms, "nccl_ms": times["nccl_bf16"],
-                "busbw_GBps": 2.0 * (world - 1) / world * size / (ms * 1e-3) / 1e9,
-                "wire_MB": wire / 2**20,
-                "ideal_ms": times["nccl_bf16"] * wire / _wire_bytes(numel, world, "nccl_bf16"),
-                "rel_err": err,
-                "correct": bool(math.isfinite(err) and same and err <= TOLERANCE[method]),
-            }
-            if spec is not None:
-                row["speedup_vs_nccl"] = times["nccl_bf16"] / ms
-                row["ideal_speedup"] = times["nccl_bf16"] / row["ideal_ms"]
-            rows.append(row)
-        del xs
+        rows += _measure(size, world, METHODS, {}, quick, dev, card, g)
+        if cuda:
+            torch.cuda.empty_cache()
+    thresholds = {f"{r['method'].removeprefix('fallback_')}_auto": r["fallback_bytes_measured"]
+                  for r in _fallback_rows(rows)}
+    auto = {"nccl_bf16": None, **{m: METHODS[m.removesuffix("_auto")] for m in thresholds}}
+    for size in sizes:
+        for r in _measure(size, world, auto, thresholds, quick, dev, card, g):
+            if r["method"] != "nccl_bf16":
+                r["fallback_bytes"] = thresholds[r["method"]]
+                rows.append(r)
         if cuda:
             torch.cuda.empty_cache()
     return rows if rank == 0 else None
@@ -168,7 +192,7 @@ def _rank_job(rank: int, world: int, sizes: list[int], quick: bool, device: str)
 def _fallback_rows(rows: list[dict]) -> list[dict]:
     """Measured crossover per method: smallest size from which it beats NCCL at every larger size."""
     out, worst = [], 0
-    for method in (m for m in METHODS if METHODS[m] is not None):
+    for method in (m for m in METHODS if METHODS[m] is not None):  # pass-1 rows only
         mine = sorted((r for r in rows if r["method"] == method), key=lambda r: r["bytes"])
         threshold = None
         for r in reversed(mine):

@@ -81,8 +81,11 @@ def _all_gather(out: torch.Tensor, inp: torch.Tensor, group) -> None:
 
 
 def flash_all_reduce_fwd(x: torch.Tensor, group, bits: int, gather_bits: int, group_size: int,
-                         spike_reserve: bool, meta_dtype: torch.dtype) -> torch.Tensor:
-    """The compressed path on a contiguous, non-empty ``x`` and a group of two or more ranks."""
+                         spike_reserve: bool, meta_dtype: torch.dtype, out: torch.Tensor | None = None) -> torch.Tensor:
+    """The compressed path on a contiguous, non-empty ``x`` and a group of two or more ranks.
+
+    ``out`` (contiguous, x's numel and dtype) may be ``x`` itself: ``x`` is last read by the
+    quantize kernel, which runs before the final decode on the same stream."""
     world, rank = dist.get_world_size(group), dist.get_rank(group)
     N = x.numel()
     c = row_length(N, world, group_size)
@@ -98,8 +101,9 @@ def flash_all_reduce_fwd(x: torch.Tensor, group, bits: int, gather_bits: int, gr
     gathered = torch.empty(world * l2.row_bytes, dtype=torch.uint8, device=x.device)
     _all_gather(gathered, mine.data.view(-1), group)
     gathered = gathered.view(world, l2.row_bytes)
-    out = torch.empty(N, dtype=x.dtype, device=x.device)
-    dequantize_fwd(QTensor(gathered, l2, N), out=out)
+    if out is None:
+        out = torch.empty(N, dtype=x.dtype, device=x.device)
+    dequantize_fwd(QTensor(gathered, l2, N), out=out.view(-1))
     return out.view(x.shape)
 
 
@@ -147,14 +151,14 @@ def flash_all_reduce(
     spike_reserve: bool = False,
     meta_dtype: torch.dtype = torch.float32,
     min_bytes: int | None = None,
+    inplace: bool = False,
 ) -> torch.Tensor:
     """Sum ``x`` over the ranks of ``group`` with int8/int4 group-wise compression.
 
     Args:
         x: any shape, fp32/fp16/bf16, same shape on every rank; on CUDA for NCCL, CPU for gloo.
-            Only read: the result is a NEW tensor of ``x``'s shape and dtype (no in-place
-            variant; ``x.copy_(flash_all_reduce(x))`` if you need one). A non-contiguous ``x``
-            is copied to contiguous memory first.
+            By default only read: the result is a NEW tensor of ``x``'s shape and dtype, and a
+            non-contiguous ``x`` is copied to contiguous memory first.
         group: a ``torch.distributed`` process group (default: the world).
         bits: 4 or 8, reduce-scatter step. gather_bits: 4 or 8, all-gather step (default ``bits``);
             ``bits=4, gather_bits=8`` is the paper's INT6.
@@ -164,10 +168,13 @@ def flash_all_reduce(
             (the paper's 32/g bits of metadata; groups beyond fp16 range come out NaN).
         min_bytes: inputs smaller than this many bytes use the exact all-reduce; ``None`` reads
             :data:`FALLBACK_BYTES` for the backend (placeholder values until measured).
+        inplace: write the result into ``x`` and return ``x`` (like ``dist.all_reduce``; saves
+            the output allocation and, below the fallback size, a copy). Needs a contiguous
+            ``x`` and no autograd through it.
 
     Returns ``sum over ranks of x`` (fp32 accumulation), identical on every rank, within the
     bound in the module docstring. Special cases: an empty ``x`` or a group of one rank returns
-    ``x.clone()`` without communicating. NaN or Inf anywhere in a group of ``group_size``
+    ``x.clone()`` (``x`` itself with ``inplace``) without communicating. NaN or Inf anywhere in a group of ``group_size``
     values on any rank turns that group of the result into NaN on every rank (never a wrong
     finite number); other groups are unaffected. Autograd: identity backward (TP convention).
 
@@ -183,14 +190,25 @@ def flash_all_reduce(
         raise ValueError(f"min_bytes: expected a non-negative int or None, got {min_bytes!r}")
     if not dist.is_available() or not dist.is_initialized():
         raise ValueError("group: torch.distributed is not initialized (call init_process_group first)")
+    if inplace and not x.is_contiguous():
+        raise ValueError("x: inplace=True needs a contiguous tensor")
+    if inplace and x.requires_grad and torch.is_grad_enabled():
+        raise ValueError("x: inplace=True cannot be used on a tensor that requires grad")
     world = dist.get_world_size(group)
     if world == 1 or x.numel() == 0:
-        return x.clone()
+        return x if inplace else x.clone()
     key = _backend_key(group, x)
     if key == "nccl" and not x.is_cuda:
         raise ValueError(f"x: an NCCL group needs a CUDA tensor, got one on {x.device}")
     threshold = FALLBACK_BYTES.get(key, 0) if min_bytes is None else min_bytes
-    if x.numel() * x.element_size() < threshold:
+    small = x.numel() * x.element_size() < threshold
+    if inplace:  # no autograd here: the fewest host steps for latency-bound sizes
+        if small:
+            dist.all_reduce(x, group=group)
+            return x
+        flash_all_reduce_fwd(x, group, bits, gather_bits, group_size, spike_reserve, meta_dtype, out=x)
+        return x
+    if small:
         return _ExactAllReduceFn.apply(x.contiguous(), group)
     return _FlashAllReduceFn.apply(x.contiguous(), group, bits, gather_bits, group_size, spike_reserve,
                                    meta_dtype)
