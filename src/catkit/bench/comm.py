@@ -21,7 +21,9 @@ pass times ``flash_<bits>_auto`` (the library call with that measured threshold,
 gets: NCCL below it, compression above), each again next to a fresh NCCL time.
 
 Smoke test without a GPU: ``python -m catkit.bench.comm --device cpu`` (gloo, tiny sizes).
-GPU: ``python -m catkit.bench.comm --out DIR [--quick]`` or ``catkit bench comm``.
+GPU: ``python -m catkit.bench.comm --out DIR [--quick]`` or ``catkit bench comm`` (spawns one
+process per visible GPU), or under ``torchrun --nproc-per-node N -m catkit.bench.comm --out DIR``
+(uses torchrun's ranks; every rank writes the same JSON).
 """
 
 from __future__ import annotations
@@ -163,7 +165,7 @@ def _measure(size: int, world: int, methods: dict, min_bytes: dict, quick: bool,
     return rows
 
 
-def _rank_job(rank: int, world: int, sizes: list[int], quick: bool, device: str) -> list[dict] | None:
+def _rank_job(rank: int, world: int, sizes: list[int], quick: bool, device: str) -> list[dict]:
     """Pass 1: every method with the fallback off. Pass 2: the same with each method's measured
     threshold (``*_auto``: what a user gets), to show no size is slower than NCCL after it.
     Times are max-reduced over ranks, so every rank derives the same thresholds."""
@@ -186,7 +188,7 @@ def _rank_job(rank: int, world: int, sizes: list[int], quick: bool, device: str)
                 rows.append(r)
         if cuda:
             torch.cuda.empty_cache()
-    return rows if rank == 0 else None
+    return rows  # identical on every rank: times are max-reduced, errors computed from identical y
 
 
 def _fallback_rows(rows: list[dict]) -> list[dict]:
@@ -215,11 +217,28 @@ def run_comm(quick: bool = False, device: str = "cuda", world: int | None = None
     """Spawn one rank per GPU (or ``world`` gloo ranks on CPU) and return the rows.
 
     ``sizes``: message sizes in bf16 bytes (default: 64 KB .. 256 MB, or two tiny ones on CPU).
+    Under ``torchrun`` (WORLD_SIZE > 1) nothing is spawned: this process is one of the ranks,
+    and every rank returns the same rows.
     """
+    from catkit import env
     from catkit.dist.launch import run_local
 
     if device not in ("cuda", "cpu"):
         raise ValueError(f"device: expected 'cuda' or 'cpu', got {device!r}")
+    sizes = sizes or _sizes(quick, device)
+    rank, local_rank, env_world = env.distributed_rank()
+    if env_world > 1:
+        if device == "cuda":
+            torch.cuda.set_device(local_rank)
+        created = not dist.is_initialized()
+        if created:
+            dist.init_process_group("nccl" if device == "cuda" else "gloo")
+        try:
+            rows = _rank_job(rank, env_world, sizes, quick, device)
+        finally:
+            if created:
+                dist.destroy_process_group()
+        return rows + _fallback_rows(rows)
     if device == "cuda":
         world = world or torch.cuda.device_count()
         if world < 2:
@@ -227,7 +246,6 @@ def run_comm(quick: bool = False, device: str = "cuda", world: int | None = None
         backend = "nccl"
     else:
         world, backend = world or 2, "gloo"
-    sizes = sizes or _sizes(quick, device)
     results = run_local(_rank_job, world, sizes, quick, device, backend=backend, timeout_s=560)
     rows = results[0]
     return rows + _fallback_rows(rows)

@@ -61,7 +61,7 @@ class QuantLayout:
 
     @property
     def meta_size(self) -> int:
-        return torch.tensor([], dtype=self.meta_dtype).element_size()
+        return self.meta_dtype.itemsize
 
     @property
     def scale_off(self) -> int:
@@ -114,7 +114,7 @@ class QTensor:
         return self.data.shape[0]
 
     def _field(self, off: int, dtype: torch.dtype) -> torch.Tensor:
-        size = torch.tensor([], dtype=dtype).element_size()
+        size = dtype.itemsize
         return self.data[:, off: off + self.layout.groups * size].view(dtype)
 
     @property
