@@ -124,8 +124,8 @@ class ChunkDeltaRuleFunction(torch.autograd.Function):
         save = any(ctx.needs_input_grad[i] for i in (0, 1, 2, 3, 5))
         o, ht, saved = chunk_fwd(qf, kf, vf, gf, scale, h0, output_final_state, meta, save=save)
         if save:  # inference keeps no per-chunk states or WY factors alive
-            ctx.save_for_backward(qf, kf, vf, saved["G"], saved["Tm"], saved["W"], saved["P"],
-                                  saved["vn"], saved["h"])
+            ctx.saved_names = sorted(saved)
+            ctx.save_for_backward(qf, kf, vf, *(saved[n] for n in ctx.saved_names))
         ctx.meta, ctx.scale, ctx.shape = meta, scale, (B, T, H, K, V)
         ctx.g_scalar = g.dim() == 3
         ctx.g_dtype = g.dtype
@@ -137,11 +137,12 @@ class ChunkDeltaRuleFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, do, dht):
-        qf, kf, vf, G, Tm, W, P, vn, h = ctx.saved_tensors
+        qf, kf, vf, *rest = ctx.saved_tensors
+        saved = dict(zip(ctx.saved_names, rest))
         B, T, H, K, V = ctx.shape
         dof = do.reshape(B * T, H, V).contiguous()
         dht = dht.float().contiguous() if dht is not None else None
-        dq, dk, dv, dg, dh0 = chunk_bwd(qf, kf, vf, G, Tm, W, P, vn, h, dof, dht, ctx.scale, ctx.meta,
+        dq, dk, dv, dg, dh0 = chunk_bwd(qf, kf, vf, saved, dof, dht, ctx.scale, ctx.meta,
                                         need_dh0=ctx.h0_info is not None)
         dg = dg.sum(-1) if ctx.g_scalar else dg
         shp = lambda x, D: x.reshape(B, T, H, D)  # noqa: E731

@@ -20,14 +20,14 @@ import torch
 import triton
 import triton.language as tl
 
-from catkit.ops.delta_rule.chunk_fwd import _dot_prec, _seq_bounds
+from catkit.ops.delta_rule.chunk_fwd import _mm, _seq_bounds, kblock_options, launch, precisions, vtile_options
 
 
 @triton.jit
-def chunk_bwd_state_kernel(q, k, G, W, P, do, dvn, dh, dht, dh0, cu_seqlens, chunk_offsets, scale,
+def chunk_bwd_state_kernel(QG, KD, W, G, P, do, dvn, dh, dht, dh0, cu_seqlens, chunk_offsets, scale,
                            H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr,
                            BK: tl.constexpr, BV: tl.constexpr, HAS_DHT: tl.constexpr,
-                           STORE_DH0: tl.constexpr, DOT_PREC: tl.constexpr):
+                           STORE_DH0: tl.constexpr, OP_BF16: tl.constexpr, DOT_PREC: tl.constexpr):
     i_v, i_nh = tl.program_id(0), tl.program_id(1)
     i_n = i_nh // H
     i_h = i_nh % H
@@ -56,19 +56,15 @@ def chunk_bwd_state_kernel(q, k, G, W, P, do, dvn, dh, dht, dh0, cu_seqlens, chu
         offc = (t0 + rows)[:, None] * (H * BT) + i_h * BT + cols[None, :]
         b_P = tl.load(P + offc, mask=valid[:, None], other=0.0)
         b_W = tl.load(W + off, mask=m, other=0.0)
-        b_G = tl.load(G + off, mask=m, other=0.0)
-        b_q = tl.load(q + off, mask=m, other=0.0).to(tl.float32)
-        b_k = tl.load(k + off, mask=m, other=0.0).to(tl.float32)
-        b_do = tl.load(do + offv, mask=mv, other=0.0).to(tl.float32)
+        b_qg = tl.load(QG + off, mask=m, other=0.0)
+        b_kd = tl.load(KD + off, mask=m, other=0.0)
+        b_do = tl.load(do + offv, mask=mv, other=0.0)
         last = tl.minimum(t0 + BT, eos) - 1
         G_l = tl.load(G + last * (H * K) + i_h * K + ck, mask=ck < K, other=0.0)
-        b_kd = tl.where(m, b_k * tl.exp(tl.where(m, G_l[None, :] - b_G, 0.0)), 0.0)
-        b_dvn = scale * tl.dot(tl.trans(b_P), b_do, input_precision=DOT_PREC)
-        b_dvn += tl.dot(b_kd, b_dS, input_precision=DOT_PREC)
+        b_dvn = scale * _mm(tl.trans(b_P), b_do, OP_BF16, DOT_PREC) + _mm(b_kd, b_dS, OP_BF16, DOT_PREC)
         tl.store(dvn + offv, b_dvn, mask=mv)
-        b_dS = b_dS * tl.exp(G_l)[:, None] + scale * tl.dot(tl.trans(b_q * tl.exp(b_G)), b_do,
-                                                             input_precision=DOT_PREC)
-        b_dS -= tl.dot(tl.trans(b_W), b_dvn, input_precision=DOT_PREC)
+        b_dS = b_dS * tl.exp(G_l)[:, None] + scale * _mm(tl.trans(b_qg), b_do, OP_BF16, DOT_PREC)
+        b_dS -= _mm(tl.trans(b_W), b_dvn, OP_BF16, DOT_PREC)
     if STORE_DH0:
         tl.store(dh0 + i_n * H * K * V + off_s, b_dS, mask=mkv)
 
@@ -122,13 +118,17 @@ def chunk_bwd_dap_kernel(k, v, G, Tm, vn, h, do, dvn, dv, dA, dP, chunk_indices,
 def chunk_bwd_dqkg_kernel(q, k, G, Tm, vn, h, dh, do, dvn, dA, dP, dq, dk, dg,
                           chunk_indices, cu_seqlens, scale,
                           H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr,
-                          BKS: tl.constexpr, BV: tl.constexpr, DOT_PREC: tl.constexpr):
+                          BC: tl.constexpr, BKS: tl.constexpr, BV: tl.constexpr,
+                          DOT_PREC: tl.constexpr):
     # One program per (chunk, head, block of BKS key channels): every term below is separable
     # over key channels once dA and dP are known.
     i_t, i_h, i_k = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     t0, eos = _seq_bounds(chunk_indices, cu_seqlens, i_t, BT)
+    NS: tl.constexpr = BT // BC
     rows = tl.arange(0, BT)
     cols = tl.arange(0, BT)
+    rb = rows // BC
+    rl = rows % BC
     ck = i_k * BKS + tl.arange(0, BKS)
     valid = (t0 + rows) < eos
     m = valid[:, None] & (ck[None, :] < K)
@@ -171,25 +171,43 @@ def chunk_bwd_dqkg_kernel(q, k, G, Tm, vn, h, dh, do, dvn, dA, dP, dq, dk, dg,
     b_ed = tl.where(m, tl.exp(tl.where(m, G_l[None, :] - b_G, 0.0)), 0.0)
     b_dGl = b_dGl * tl.exp(G_l) + tl.sum(b_k * b_ed * b_dKd, axis=0)
 
-    # P_ij and A_ij hold exp(G_ic - G_jc) per channel: walk the columns j so the ratio is formed
-    # with exponent <= 0, as in the forward.
+    # P_ij and A_ij hold exp(G_ic - G_jc) per channel. Below-diagonal sub-chunk blocks factor it
+    # through the last row r of column block b (both exponents <= 0, see chunk_prep); diagonal
+    # blocks form it per pair, column jl of every block at once.
     b_dqP = tl.zeros([BT, BKS], dtype=tl.float32)
     b_dkA = tl.zeros([BT, BKS], dtype=tl.float32)
     b_dkJ = tl.zeros([BT, BKS], dtype=tl.float32)
-    for j in range(0, BT):
-        jm = (ck < K) & ((t0 + j + ck * 0) < eos)
-        k_j = tl.load(k + (t0 + j) * (H * K) + i_h * K + ck, mask=jm, other=0.0).to(tl.float32)
-        G_j = tl.load(G + (t0 + j) * (H * K) + i_h * K + ck, mask=jm, other=0.0)
-        lo = (rows[:, None] >= j) & m
-        E = tl.where(lo, tl.exp(tl.where(lo, b_G - G_j[None, :], 0.0)), 0.0)
-        sel = cols[None, :] == j
+    for b in range(0, NS - 1):
+        r_ref = tl.minimum(t0 + b * BC + BC - 1, eos - 1)
+        G_r = tl.load(G + r_ref * (H * K) + i_h * K + ck, mask=ck < K, other=0.0)
+        lm = (rb > b)[:, None] & m
+        F = tl.where(lm, tl.exp(tl.where(lm, b_G - G_r[None, :], 0.0)), 0.0)
+        rm = (rb == b)[:, None] & m
+        Rf = tl.where(rm, tl.exp(tl.where(rm, G_r[None, :] - b_G, 0.0)), 0.0)
+        b_kr = b_k * Rf
+        b_dqP += F * tl.dot(b_dP, b_kr, input_precision=DOT_PREC)
+        b_dkA += F * tl.dot(b_dA, b_kr, input_precision=DOT_PREC)
+        b_dkJ += Rf * (tl.dot(tl.trans(b_dP), b_q * F, input_precision=DOT_PREC)
+                       + tl.dot(tl.trans(b_dA), b_k * F, input_precision=DOT_PREC))
+    for jl in range(0, BC):
+        jr = rb * BC + jl
+        jm = ((t0 + jr) < eos)[:, None] & (ck[None, :] < K)
+        offj = (t0 + jr)[:, None] * (H * K) + i_h * K + ck[None, :]
+        k_j = tl.load(k + offj, mask=jm, other=0.0).to(tl.float32)
+        G_j = tl.load(G + offj, mask=jm, other=0.0)
+        lo = (rl >= jl)[:, None] & m
+        E = tl.where(lo, tl.exp(tl.where(lo, b_G - G_j, 0.0)), 0.0)
+        sel = cols[None, :] == jr[:, None]
         mP = tl.sum(tl.where(sel, b_dP, 0.0), axis=1)
         mA = tl.sum(tl.where(sel, b_dA, 0.0), axis=1)
-        kE = k_j[None, :] * E
+        kE = k_j * E
         b_dqP += mP[:, None] * kE
         b_dkA += mA[:, None] * kE
-        r = tl.sum((mP[:, None] * b_q + mA[:, None] * b_k) * E, axis=0)
-        b_dkJ += tl.where(rows[:, None] == j, r[None, :], 0.0)
+        # d k_j gathers over the rows i >= j of j's own sub-chunk: a segmented sum per block
+        contrib = (mP[:, None] * b_q + mA[:, None] * b_k) * E
+        seg = tl.sum(tl.reshape(contrib, [NS, BC, BKS]), axis=1)
+        segx = tl.reshape(tl.broadcast_to(tl.reshape(seg, [NS, 1, BKS]), [NS, BC, BKS]), [BT, BKS])
+        b_dkJ += tl.where((rl == jl)[:, None], segx, 0.0)
 
     b_dq = b_dQ + b_dqP
     b_dk = b_dKg * b_eG + b_dKd * b_ed + b_dkA + b_dkJ
@@ -203,35 +221,40 @@ def chunk_bwd_dqkg_kernel(q, k, G, Tm, vn, h, dh, do, dvn, dA, dP, dq, dk, dg,
     tl.store(dg + off, b_dg, mask=m)
 
 
-def chunk_bwd(q, k, v, G, Tm, W, P, vn, h, do, dht, scale, meta, need_dh0):
-    """Gradients for the flattened forward of ``chunk_fwd``: (dq, dk~, dv~, dg [NTOK,H,K] fp32, dh0)."""
+def chunk_bwd(q, k, v, saved, do, dht, scale, meta, need_dh0):
+    """Gradients for the flattened forward of ``chunk_fwd`` (``saved`` is its dict of
+    intermediates): (dq, dk~, dv~, dg [NTOK,H,K] fp32, dh0 or None)."""
     NTOK, H, K = q.shape
     V = v.shape[-1]
     BT = meta["BT"]
     N = meta["cu_seqlens"].numel() - 1
     NT = meta["chunk_indices"].shape[0]
     BK = max(16, triton.next_power_of_2(K))
-    BV = min(32, max(16, triton.next_power_of_2(V)))
-    BKS = min(32, BK)
     dev = q.device
-    prec = _dot_prec(q.dtype)
+    pr = precisions(q.dtype)
+    prec = pr["DOT_PREC"]
     ci, cu = meta["chunk_indices"], meta["cu_seqlens"]
+    G, Tm, P, vn, h = saved["G"], saved["Tm"], saved["P"], saved["vn"], saved["h"]
     dvn = torch.empty(NTOK, H, V, device=dev, dtype=torch.float32)
     dh = torch.empty(NT, H, K, V, device=dev, dtype=torch.float32)
     dh0 = torch.empty(N, H, K, V, device=dev, dtype=torch.float32) if need_dh0 else dvn
-    chunk_bwd_state_kernel[(triton.cdiv(V, BV), N * H)](
-        q, k, G, W, P, do, dvn, dh, dht if dht is not None else dvn, dh0, cu,
-        meta["chunk_offsets"], scale, H=H, K=K, V=V, BT=BT, BK=BK, BV=BV, HAS_DHT=dht is not None,
-        STORE_DH0=need_dh0, DOT_PREC=prec, num_warps=4)
+    launch(chunk_bwd_state_kernel, lambda opt: (triton.cdiv(V, opt["BV"]), N * H),
+           (saved["QG"], saved["KD"], saved["W"], G, P, do, dvn, dh, dht if dht is not None else dvn,
+            dh0, cu, meta["chunk_offsets"], scale),
+           dict(H=H, K=K, V=V, BT=BT, BK=BK, HAS_DHT=dht is not None, STORE_DH0=need_dh0,
+                OP_BF16=pr["OP_BF16"], DOT_PREC=prec), vtile_options(V))
     dv = torch.empty_like(v)
     dA = torch.empty(NTOK, H, BT, device=dev, dtype=torch.float32)
     dP = torch.empty_like(dA)
-    chunk_bwd_dap_kernel[(NT, H)](k, v, G, Tm, vn, h, do, dvn, dv, dA, dP, ci, cu, scale, H=H, K=K,
-                                  V=V, BT=BT, BK=BK, BV=BV, DOT_PREC=prec, num_warps=4)
+    launch(chunk_bwd_dap_kernel, lambda opt: (NT, H),
+           (k, v, G, Tm, vn, h, do, dvn, dv, dA, dP, ci, cu, scale),
+           dict(H=H, K=K, V=V, BT=BT, BK=BK, DOT_PREC=prec), vtile_options(V))
     dq = torch.empty_like(q)
     dk = torch.empty_like(k)
     dg = torch.empty(NTOK, H, K, device=dev, dtype=torch.float32)
-    chunk_bwd_dqkg_kernel[(NT, H, triton.cdiv(K, BKS))](
-        q, k, G, Tm, vn, h, dh, do, dvn, dA, dP, dq, dk, dg, ci, cu, scale, H=H, K=K, V=V, BT=BT,
-        BKS=BKS, BV=BV, DOT_PREC=prec, num_warps=4)
+    opts = [dict(BKS=kb["BKS"], BV=vb["BV"], num_warps=kb["num_warps"], num_stages=1)
+            for kb in kblock_options(BK, K) for vb in vtile_options(V)[::2]]
+    launch(chunk_bwd_dqkg_kernel, lambda opt: (NT, H, triton.cdiv(K, opt["BKS"])),
+           (q, k, G, Tm, vn, h, dh, do, dvn, dA, dP, dq, dk, dg, ci, cu, scale),
+           dict(H=H, K=K, V=V, BT=BT, BC=min(16, BT), DOT_PREC=prec), opts)
     return dq, dk, dv, dg, (dh0 if need_dh0 else None)

@@ -60,17 +60,32 @@ def chunk_cumsum_kernel(g, G, chunk_indices, cu_seqlens, H: tl.constexpr, K: tl.
 
 
 @triton.jit
-def chunk_prep_kernel(q, k, G, Tm, W, P, chunk_indices, cu_seqlens,
-                      H: tl.constexpr, K: tl.constexpr, BT: tl.constexpr, BKS: tl.constexpr,
-                      NK: tl.constexpr, DOT_PREC: tl.constexpr):
-    # K is walked in blocks of BKS channels so the [C, BKS] tiles stay small in registers.
+def _mm(a, b, OP_BF16: tl.constexpr, DOT_PREC: tl.constexpr):
+    # bf16 inputs: bf16 tensor-core products with fp32 accumulation (as the anchor does);
+    # fp16: tf32 on fp32 operands (an fp16 state could overflow); fp32: exact ieee products.
+    if OP_BF16:
+        return tl.dot(a.to(tl.bfloat16), b.to(tl.bfloat16))
+    else:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision=DOT_PREC)
+
+
+@triton.jit
+def chunk_prep_kernel(q, k, v, G, Tm, P, W, U, QG, KD, chunk_indices, cu_seqlens,
+                      H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr,
+                      BC: tl.constexpr, BKS: tl.constexpr, NK: tl.constexpr, BV: tl.constexpr,
+                      DOT_PREC: tl.constexpr, INV_PREC: tl.constexpr):
+    """Per chunk: A, P, T = (I + A)^-1, W = T (K e^G), U = T V, QG = Q e^G, KD = K e^(G_C - G)."""
     i_t, i_h = tl.program_id(0), tl.program_id(1)
     t0, eos = _seq_bounds(chunk_indices, cu_seqlens, i_t, BT)
+    NS: tl.constexpr = BT // BC
     rows = tl.arange(0, BT)
     cols = tl.arange(0, BT)
+    rb = rows // BC  # sub-chunk of each row
+    cb = cols // BC
+    rl = rows % BC   # position inside the sub-chunk
     valid = (t0 + rows) < eos
+    last = tl.minimum(t0 + BT, eos) - 1
 
-    # A and P one column j at a time: the [C, BKS] decay ratio exp(G_i - G_j) stays <= 1 for i >= j.
     b_A = tl.zeros([BT, BT], dtype=tl.float32)
     b_P = tl.zeros([BT, BT], dtype=tl.float32)
     for i_k in range(0, NK):
@@ -80,49 +95,85 @@ def chunk_prep_kernel(q, k, G, Tm, W, P, chunk_indices, cu_seqlens,
         b_k = tl.load(k + off, mask=m, other=0.0).to(tl.float32)
         b_q = tl.load(q + off, mask=m, other=0.0).to(tl.float32)
         b_G = tl.load(G + off, mask=m, other=0.0)
-        for j in range(0, BT):
-            jm = (ck < K) & ((t0 + j + ck * 0) < eos)
-            k_j = tl.load(k + (t0 + j) * (H * K) + i_h * K + ck, mask=jm, other=0.0).to(tl.float32)
-            G_j = tl.load(G + (t0 + j) * (H * K) + i_h * K + ck, mask=jm, other=0.0)
-            lo = (rows[:, None] >= j) & m
-            E = tl.where(lo, tl.exp(tl.where(lo, b_G - G_j[None, :], 0.0)), 0.0)
-            kE = k_j[None, :] * E
-            colA = tl.where(rows > j, tl.sum(b_k * kE, axis=1), 0.0)
+        # Blocks below the diagonal of sub-chunks: exp(G_i - G_j) = exp(G_i - G_r) exp(G_r - G_j)
+        # with G_r the cumulative decay at the last row of column block b; both factors have an
+        # exponent <= 0, so they cannot overflow, and products run on tensor cores.
+        for b in range(0, NS - 1):
+            r_ref = tl.minimum(t0 + b * BC + BC - 1, eos - 1)
+            G_r = tl.load(G + r_ref * (H * K) + i_h * K + ck, mask=ck < K, other=0.0)
+            lm = (rb > b)[:, None] & m
+            F = tl.where(lm, tl.exp(tl.where(lm, b_G - G_r[None, :], 0.0)), 0.0)
+            rm = (rb == b)[:, None] & m
+            R = tl.where(rm, b_k * tl.exp(tl.where(rm, G_r[None, :] - b_G, 0.0)), 0.0)
+            b_A += tl.dot(b_k * F, tl.trans(R), input_precision=DOT_PREC)
+            b_P += tl.dot(b_q * F, tl.trans(R), input_precision=DOT_PREC)
+        # Diagonal sub-chunk blocks: the exact per-pair ratio, column jl of every block at once.
+        for jl in range(0, BC):
+            jr = rb * BC + jl
+            jm = ((t0 + jr) < eos)[:, None] & (ck[None, :] < K)
+            offj = (t0 + jr)[:, None] * (H * K) + i_h * K + ck[None, :]
+            k_j = tl.load(k + offj, mask=jm, other=0.0).to(tl.float32)
+            G_j = tl.load(G + offj, mask=jm, other=0.0)
+            lo = (rl >= jl)[:, None] & m
+            E = tl.where(lo, tl.exp(tl.where(lo, b_G - G_j, 0.0)), 0.0)
+            kE = k_j * E
+            colA = tl.where(rl > jl, tl.sum(b_k * kE, axis=1), 0.0)
             colP = tl.sum(b_q * kE, axis=1)
-            sel = cols[None, :] == j
+            sel = cols[None, :] == jr[:, None]
             b_A += tl.where(sel, colA[:, None], 0.0)
             b_P += tl.where(sel, colP[:, None], 0.0)
 
-    # T = (I + A)^-1 by forward substitution: T_i = e_i - sum_{j<i} A_ij T_j.
-    b_T = tl.where(rows[:, None] == cols[None, :], 1.0, 0.0)
-    b_At = tl.trans(b_A)  # column i of A^T is row i of A, laid out along the row axis
-    for i in range(1, BT):
-        a_i = tl.sum(tl.where(cols[None, :] == i, b_At, 0.0), axis=1)
-        new = tl.sum(a_i[:, None] * b_T, axis=0)
-        b_T = tl.where(rows[:, None] == i, b_T - new[None, :], b_T)
+    # T = (I + A)^-1. Diagonal blocks D by forward substitution, all sub-chunks at once (row rl of
+    # every block per step); then with M = D^-1 L (L = blocks below the diagonal, M^NS = 0):
+    # T = (I - M + M^2 - M^3) D^-1 = (I - M)(I + M^2) D^-1, exact for NS <= 4.
+    eye = tl.where(rows[:, None] == cols[None, :], 1.0, 0.0)
+    b_Ad = tl.where(rb[:, None] == cb[None, :], b_A, 0.0)
+    b_Td = eye
+    for i in range(1, BC):
+        nt = eye - tl.dot(b_Ad, b_Td, input_precision=INV_PREC)
+        b_Td = tl.where((rl == i)[:, None], nt, b_Td)
+    b_L = tl.where(rb[:, None] > cb[None, :], b_A, 0.0)
+    b_M = tl.dot(b_Td, b_L, input_precision=INV_PREC)
+    b_M2 = tl.dot(b_M, b_M, input_precision=INV_PREC)
+    b_X = tl.dot(eye - b_M, eye + b_M2, input_precision=INV_PREC)
+    b_T = tl.dot(b_X, b_Td, input_precision=INV_PREC)
 
+    offc = (t0 + rows)[:, None] * (H * BT) + i_h * BT + cols[None, :]
+    mc = valid[:, None] & (cols[None, :] < BT)
+    tl.store(Tm + offc, b_T, mask=mc)
+    tl.store(P + offc, b_P, mask=mc)
     for i_k in range(0, NK):
         ck = i_k * BKS + tl.arange(0, BKS)
         m = valid[:, None] & (ck[None, :] < K)
         off = (t0 + rows)[:, None] * (H * K) + i_h * K + ck[None, :]
         b_k = tl.load(k + off, mask=m, other=0.0).to(tl.float32)
+        b_q = tl.load(q + off, mask=m, other=0.0).to(tl.float32)
         b_G = tl.load(G + off, mask=m, other=0.0)
-        b_W = tl.dot(b_T, b_k * tl.exp(b_G), input_precision=DOT_PREC)
-        tl.store(W + off, b_W, mask=m)
-    offc = (t0 + rows)[:, None] * (H * BT) + i_h * BT + cols[None, :]
-    mc = valid[:, None] & (cols[None, :] < BT)
-    tl.store(Tm + offc, b_T, mask=mc)
-    tl.store(P + offc, b_P, mask=mc)
+        G_l = tl.load(G + last * (H * K) + i_h * K + ck, mask=ck < K, other=0.0)
+        b_eG = tl.exp(b_G)
+        b_W = tl.dot(b_T, b_k * b_eG, input_precision=DOT_PREC)
+        tl.store(W + off, b_W.to(W.dtype.element_ty), mask=m)
+        tl.store(QG + off, (b_q * b_eG).to(QG.dtype.element_ty), mask=m)
+        b_kd = tl.where(m, b_k * tl.exp(tl.where(m, G_l[None, :] - b_G, 0.0)), 0.0)
+        tl.store(KD + off, b_kd.to(KD.dtype.element_ty), mask=m)
+    for i_v in range(0, tl.cdiv(V, BV)):
+        cv = i_v * BV + tl.arange(0, BV)
+        mv = valid[:, None] & (cv[None, :] < V)
+        offv = (t0 + rows)[:, None] * (H * V) + i_h * V + cv[None, :]
+        b_v = tl.load(v + offv, mask=mv, other=0.0).to(tl.float32)
+        b_U = tl.dot(b_T, b_v, input_precision=DOT_PREC)
+        tl.store(U + offv, b_U.to(U.dtype.element_ty), mask=mv)
 
 
 @triton.jit
-def chunk_fwd_state_kernel(q, k, v, G, Tm, W, P, o, vn, h, h0, ht, cu_seqlens, chunk_offsets,
+def chunk_fwd_state_kernel(U, W, QG, KD, G, P, o, vn, h, h0, ht, cu_seqlens, chunk_offsets,
                            scale, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
                            BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
                            HAS_H0: tl.constexpr, STORE_FINAL: tl.constexpr,
-                           SAVE: tl.constexpr, DOT_PREC: tl.constexpr):
+                           SAVE: tl.constexpr, OP_BF16: tl.constexpr, DOT_PREC: tl.constexpr):
     # One program carries the [K, BV] slice of one sequence/head's state through its chunks; V
     # columns of S evolve independently (Vn[:, v] depends only on S[:, v]), hence the V tiling.
+    # Everything that does not depend on S was precomputed by chunk_prep in parallel.
     i_v, i_nh = tl.program_id(0), tl.program_id(1)
     i_n = i_nh // H
     i_h = i_nh % H
@@ -149,31 +200,56 @@ def chunk_fwd_state_kernel(q, k, v, G, Tm, W, P, o, vn, h, h0, ht, cu_seqlens, c
         off = (t0 + rows)[:, None] * (H * K) + i_h * K + ck[None, :]
         offv = (t0 + rows)[:, None] * (H * V) + i_h * V + cv[None, :]
         offc = (t0 + rows)[:, None] * (H * BT) + i_h * BT + cols[None, :]
-        mc = valid[:, None] & (cols[None, :] < BT)
-        b_T = tl.load(Tm + offc, mask=mc, other=0.0)
-        b_P = tl.load(P + offc, mask=mc, other=0.0)
         b_W = tl.load(W + off, mask=m, other=0.0)
-        b_G = tl.load(G + off, mask=m, other=0.0)
-        b_q = tl.load(q + off, mask=m, other=0.0).to(tl.float32)
-        b_k = tl.load(k + off, mask=m, other=0.0).to(tl.float32)
-        b_v = tl.load(v + offv, mask=mv, other=0.0).to(tl.float32)
-        b_vn = tl.dot(b_T, b_v, input_precision=DOT_PREC) - tl.dot(b_W, b_S, input_precision=DOT_PREC)
-        b_o = tl.dot(b_q * tl.exp(b_G), b_S, input_precision=DOT_PREC)
-        b_o += tl.dot(b_P, b_vn, input_precision=DOT_PREC)
+        b_qg = tl.load(QG + off, mask=m, other=0.0)
+        b_kd = tl.load(KD + off, mask=m, other=0.0)
+        b_U = tl.load(U + offv, mask=mv, other=0.0).to(tl.float32)
+        b_P = tl.load(P + offc, mask=valid[:, None], other=0.0)
+        b_vn = b_U - _mm(b_W, b_S, OP_BF16, DOT_PREC)
+        b_o = _mm(b_qg, b_S, OP_BF16, DOT_PREC) + _mm(b_P, b_vn, OP_BF16, DOT_PREC)
         tl.store(o + offv, (b_o * scale).to(o.dtype.element_ty), mask=mv)
         if SAVE:
             tl.store(vn + offv, b_vn, mask=mv)
         last = tl.minimum(t0 + BT, eos) - 1
         G_l = tl.load(G + last * (H * K) + i_h * K + ck, mask=ck < K, other=0.0)
-        b_kd = tl.where(m, b_k * tl.exp(tl.where(m, G_l[None, :] - b_G, 0.0)), 0.0)
-        b_S = b_S * tl.exp(G_l)[:, None] + tl.dot(tl.trans(b_kd), b_vn, input_precision=DOT_PREC)
+        b_S = b_S * tl.exp(G_l)[:, None] + _mm(tl.trans(b_kd), b_vn, OP_BF16, DOT_PREC)
     if STORE_FINAL:
         tl.store(ht + i_n * H * K * V + off_s, b_S, mask=mkv)
 
 
-def _dot_prec(dtype: torch.dtype) -> str:
-    # fp32 inputs ask for an fp32-accurate answer; bf16/fp16 inputs tolerate tf32 products.
-    return "ieee" if dtype == torch.float32 else "tf32"
+_CHOSEN: dict = {}
+
+
+def launch(kernel, grid_fn, args, consts, options):
+    """Launch ``kernel`` with the first of ``options`` (tile sizes, num_warps, num_stages) that
+    fits the device; remember it per kernel and constants. Falling back on ``OutOfResources``
+    keeps a card with less shared memory working instead of crashing; the first option is the
+    one the CPU interpreter runs. All options compute the same thing.
+    """
+    from triton.runtime.errors import OutOfResources
+
+    key = (kernel.fn.__name__, tuple(sorted(consts.items())))
+    start = _CHOSEN.get(key, 0)
+    err = None
+    for i in range(start, len(options)):
+        opt = options[i]
+        try:
+            kernel[grid_fn(opt)](*args, **consts, **opt)
+        except OutOfResources as e:
+            err = e
+            continue
+        _CHOSEN[key] = i
+        return opt
+    raise err
+
+
+def precisions(dtype: torch.dtype) -> dict:
+    """Dot settings per input dtype: fp32 inputs ask for fp32-accurate products (ieee); bf16 runs
+    the state products in bf16, fp16 in tf32; the small triangular inverse always uses tf32x3 or
+    better, since every later product inherits its error."""
+    fp32 = dtype == torch.float32
+    return dict(DOT_PREC="ieee" if fp32 else "tf32", INV_PREC="ieee" if fp32 else "tf32x3",
+                OP_BF16=dtype == torch.bfloat16)
 
 
 def chunk_fwd(q, k, v, g, scale, initial_state, output_final_state, meta, save):
@@ -189,29 +265,41 @@ def chunk_fwd(q, k, v, g, scale, initial_state, output_final_state, meta, save):
     N = meta["cu_seqlens"].numel() - 1
     NT = meta["chunk_indices"].shape[0]
     BK = max(16, triton.next_power_of_2(K))
-    BV = min(32, max(16, triton.next_power_of_2(V)))
-    BKS = min(32, BK)
     dev = q.device
-    prec = _dot_prec(q.dtype)
+    pr = precisions(q.dtype)
+    ci, cu = meta["chunk_indices"], meta["cu_seqlens"]
     G = torch.empty(NTOK, H, K, device=dev, dtype=torch.float32)
-    chunk_cumsum_kernel[(NT, H)](g, G, meta["chunk_indices"], meta["cu_seqlens"], H=H, K=K, BT=BT,
-                                 BK=BK, G_SCALAR=g.dim() == 2)
+    chunk_cumsum_kernel[(NT, H)](g, G, ci, cu, H=H, K=K, BT=BT, BK=BK, G_SCALAR=g.dim() == 2,
+                                 num_warps=4, num_stages=1)
     Tm = torch.empty(NTOK, H, BT, device=dev, dtype=torch.float32)
     P = torch.empty_like(Tm)
-    W = torch.empty(NTOK, H, K, device=dev, dtype=torch.float32)
-    chunk_prep_kernel[(NT, H)](q, k, G, Tm, W, P, meta["chunk_indices"], meta["cu_seqlens"],
-                               H=H, K=K, BT=BT, BKS=BKS, NK=triton.cdiv(K, BKS), DOT_PREC=prec,
-                               num_warps=4)
+    W = torch.empty(NTOK, H, K, device=dev, dtype=q.dtype)
+    QG, KD = torch.empty_like(W), torch.empty_like(W)
+    U = torch.empty(NTOK, H, V, device=dev, dtype=q.dtype)
+    launch(chunk_prep_kernel, lambda o: (NT, H), (q, k, v, G, Tm, P, W, U, QG, KD, ci, cu),
+           dict(H=H, K=K, V=V, BT=BT, BC=min(16, BT), DOT_PREC=pr["DOT_PREC"], INV_PREC=pr["INV_PREC"]),
+           [dict(**kb, BV=vb["BV"]) for kb in kblock_options(BK, K) for vb in vtile_options(V)[:1]])
     o = torch.empty(NTOK, H, V, device=dev, dtype=q.dtype)
     vn = torch.empty(NTOK, H, V, device=dev, dtype=torch.float32) if save else o
-    NC_TOT = NT
-    h = torch.empty(NC_TOT, H, K, V, device=dev, dtype=torch.float32) if save else o
+    h = torch.empty(NT, H, K, V, device=dev, dtype=torch.float32) if save else o
     ht = torch.empty(N, H, K, V, device=dev, dtype=torch.float32) if output_final_state else o
     h0 = initial_state if initial_state is not None else o
-    grid = (triton.cdiv(V, BV), N * H)
-    chunk_fwd_state_kernel[grid](q, k, v, G, Tm, W, P, o, vn, h, h0, ht, meta["cu_seqlens"],
-                                 meta["chunk_offsets"], scale, H=H, K=K, V=V, BT=BT, BK=BK, BV=BV,
-                                 HAS_H0=initial_state is not None, STORE_FINAL=output_final_state,
-                                 SAVE=save, DOT_PREC=prec, num_warps=4)
-    saved = dict(G=G, Tm=Tm, W=W, P=P, vn=vn, h=h) if save else None
+    launch(chunk_fwd_state_kernel, lambda opt: (triton.cdiv(V, opt["BV"]), N * H),
+           (U, W, QG, KD, G, P, o, vn, h, h0, ht, cu, meta["chunk_offsets"], scale),
+           dict(H=H, K=K, V=V, BT=BT, BK=BK, HAS_H0=initial_state is not None,
+                STORE_FINAL=output_final_state, SAVE=save, OP_BF16=pr["OP_BF16"],
+                DOT_PREC=pr["DOT_PREC"]), vtile_options(V))
+    saved = dict(G=G, Tm=Tm, W=W, P=P, vn=vn, h=h, QG=QG, KD=KD) if save else None
     return o, (ht if output_final_state else None), saved
+
+
+def vtile_options(V):
+    """V-tile sizes to try, largest first; no software pipelining (its buffers blow shared memory)."""
+    top = min(32, max(16, triton.next_power_of_2(V)))
+    return [dict(BV=bv, num_warps=w, num_stages=1) for bv in sorted({top, 16}, reverse=True) for w in (4, 8)]
+
+
+def kblock_options(BK, K):
+    top = min(32, BK)
+    return [dict(BKS=b, NK=triton.cdiv(K, b), num_warps=w, num_stages=1)
+            for b in sorted({top, 16}, reverse=True) for w in (4, 8)]

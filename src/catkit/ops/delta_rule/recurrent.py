@@ -63,7 +63,7 @@ def fused_recurrent_fwd(q, kt, vt, g, scale, initial_state, output_final_state, 
     fused_recurrent_kernel[(triton.cdiv(V, BV), N * H)](
         q, kt, vt, g, o, h0, ht, cu_seqlens, scale, H=H, K=K, V=V, BK=BK, BV=BV,
         G_SCALAR=g.dim() == 2, HAS_H0=initial_state is not None, STORE_FINAL=output_final_state,
-        num_warps=4)
+        num_warps=4, num_stages=1)
     return o, (ht if output_final_state else None)
 
 
