@@ -38,11 +38,12 @@ if triton is not None:
 
     @triton.jit
     def _decode_split_kernel(Q, KC, VC, BT, SEQ, IDX, CNT, OP, LP, O, LSE, LOCK, qk_scale,
-                             stride_qb, stride_qh, stride_kp, stride_ks, stride_kh, stride_vp, stride_vs, stride_vh,
-                             stride_btb, stride_ib, stride_ih, stride_cb, stride_ob, stride_oh,
-                             H, HKV, SINK, RECENT, NSPLIT,
-                             G: tl.constexpr, GP: tl.constexpr, BS: tl.constexpr, PAGE: tl.constexpr,
-                             BLOCK_N: tl.constexpr, D: tl.constexpr, MODE: tl.constexpr, LN2: tl.constexpr):
+                             MAXP, NIDX, NSPLIT, SINK, RECENT,
+                             H: tl.constexpr, HKV: tl.constexpr, G: tl.constexpr, GP: tl.constexpr,
+                             BS: tl.constexpr, PAGE: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr,
+                             NSP: tl.constexpr, MODE: tl.constexpr, LN2: tl.constexpr):
+        # Every tensor is contiguous (checked on the host), so strides follow from the shapes and the
+        # launch carries few arguments: at decode sizes the launch costs more than the kernel.
         b = tl.program_id(0)
         hkv = tl.program_id(1)
         sp = tl.program_id(2)
@@ -52,7 +53,7 @@ if triton is not None:
         g_ok = offs_g < G
         heads = hkv * G + offs_g
         # The group's query rows, padded to >= 16 rows so tl.dot applies; KV is read once for all.
-        q = tl.load(Q + b * stride_qb + heads[:, None] * stride_qh + offs_d[None, :], mask=g_ok[:, None], other=0.0)
+        q = tl.load(Q + (b * H + heads)[:, None] * D + offs_d[None, :], mask=g_ok[:, None], other=0.0)
         qb = tl.maximum(L - 1, 0) // BS
         n_sink = 0
         w_lo = 0
@@ -65,7 +66,7 @@ if triton is not None:
             n_sink = tl.minimum(SINK, w_lo)
             n_sel = n_sink + tl.maximum(qb - w_lo + 1, 0)
         else:
-            n_sel = tl.load(CNT + b * stride_cb + hkv)
+            n_sel = tl.load(CNT + b * HKV + hkv)
         n_sel = tl.where(L > 0, n_sel, 0)
         per = (n_sel + NSPLIT - 1) // NSPLIT
         t0 = sp * per
@@ -73,31 +74,29 @@ if triton is not None:
         acc = tl.zeros([GP, D], dtype=tl.float32)
         m_i = tl.zeros([GP], dtype=tl.float32) - 1.0e30
         l_i = tl.zeros([GP], dtype=tl.float32)
-        KCh = KC + hkv * stride_kh
-        VCh = VC + hkv * stride_vh
+        KCh = KC + hkv * D
+        VCh = VC + hkv * D
         for t in range(t0, t1):
             if MODE == 0:
                 blk = t
             elif MODE == 1:
                 blk = tl.where(t < n_sink, t, w_lo + t - n_sink)
             else:
-                blk = tl.load(IDX + b * stride_ib + hkv * stride_ih + t)
+                blk = tl.load(IDX + (b * HKV + hkv) * NIDX + t)
             for off in range(0, BS, BLOCK_N):
                 pos = blk * BS + off + tl.arange(0, BLOCK_N)
                 ok = pos < L
-                page = tl.load(BT + b * stride_btb + pos // PAGE, mask=ok, other=0).to(tl.int64)
-                slot = pos % PAGE
-                k = tl.load(KCh + page[:, None] * stride_kp + slot[:, None] * stride_ks + offs_d[None, :],
-                            mask=ok[:, None], other=0.0)
-                v = tl.load(VCh + page[:, None] * stride_vp + slot[:, None] * stride_vs + offs_d[None, :],
-                            mask=ok[:, None], other=0.0)
-                qk = tl.dot(q, tl.trans(k)) * qk_scale
+                page = tl.load(BT + b * MAXP + pos // PAGE, mask=ok, other=0).to(tl.int64)
+                row = (page * PAGE + pos % PAGE) * (HKV * D)
+                k = tl.load(KCh + row[:, None] + offs_d[None, :], mask=ok[:, None], other=0.0)
+                v = tl.load(VCh + row[:, None] + offs_d[None, :], mask=ok[:, None], other=0.0)
+                qk = tl.dot(q, tl.trans(k))
                 qk = tl.where(ok[None, :], qk, float("-inf"))
-                m_new = tl.maximum(m_i, tl.max(qk, 1))
-                p = tl.exp2(qk - m_new[:, None])
+                m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
+                p = tl.exp2(qk * qk_scale - m_new[:, None])
                 alpha = tl.exp2(m_i - m_new)
                 l_i = l_i * alpha + tl.sum(p, 1)
-                acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+                acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None])
                 m_i = m_new
         empty = l_i == 0.0
         l_safe = tl.where(empty, 1.0, l_i)
@@ -106,28 +105,26 @@ if triton is not None:
         tl.store(OP + (base + sp)[:, None] * D + offs_d[None, :], acc / l_safe[:, None], mask=g_ok[:, None])
         tl.store(LP + base + sp, lse, mask=g_ok)
         # The last split of this (sequence, KV head) to finish merges all splits by logsumexp, so one
-        # launch does everything (a second launch costs more than the work at short selections).
-        # The barrier + acq_rel atomic order every thread's partial stores before the count.
+        # launch does everything. The barrier + acq_rel atomic order every thread's partial stores
+        # before the count; the merge reads through L2 (.cg), never a stale L1 line.
         tl.debug_barrier()
         done = tl.atomic_add(LOCK + b * HKV + hkv, 1)
         if done == NSPLIT - 1:
-            m = tl.zeros([GP], dtype=tl.float32) - float("inf")
-            for s in range(0, NSPLIT):
-                m = tl.maximum(m, tl.load(LP + base + s, mask=g_ok, other=float("-inf"), cache_modifier=".cg"))
-            m = tl.where(m == float("-inf"), 0.0, m)  # every split empty: weights 0, output 0
-            den = tl.zeros([GP], dtype=tl.float32)
-            out = tl.zeros([GP, D], dtype=tl.float32)
-            for s in range(0, NSPLIT):
-                w = tl.exp2(tl.load(LP + base + s, mask=g_ok, other=float("-inf"), cache_modifier=".cg") - m)
-                part = tl.load(OP + (base + s)[:, None] * D + offs_d[None, :], mask=g_ok[:, None], other=0.0,
+            offs_s = tl.arange(0, NSP)
+            s_ok = offs_s < NSPLIT
+            for g in tl.static_range(G):  # unrolled: all heads' loads can be in flight together
+                hb = (b * H + hkv * G + g) * NSPLIT
+                ls = tl.load(LP + hb + offs_s, mask=s_ok, other=float("-inf"), cache_modifier=".cg")
+                part = tl.load(OP + (hb + offs_s)[:, None] * D + offs_d[None, :], mask=s_ok[:, None], other=0.0,
                                cache_modifier=".cg")
-                out += w[:, None] * part
-                den += w
-            den_safe = tl.where(den == 0.0, 1.0, den)
-            tl.store(O + b * stride_ob + heads[:, None] * stride_oh + offs_d[None, :],
-                     (out / den_safe[:, None]).to(O.dtype.element_ty), mask=g_ok[:, None])
-            tl.store(LSE + b * H + heads, tl.where(den == 0.0, float("-inf"), (m + tl.log2(den_safe)) * LN2),
-                     mask=g_ok)
+                m = tl.max(ls, 0)
+                m = tl.where(m == float("-inf"), 0.0, m)  # every split empty: weights 0, output 0
+                w = tl.exp2(ls - m)
+                den = tl.sum(w, 0)
+                den_safe = tl.where(den == 0.0, 1.0, den)
+                out = tl.sum(part * w[:, None], 0) / den_safe
+                tl.store(O + (b * H + hkv * G + g) * D + offs_d, out.to(O.dtype.element_ty))
+                tl.store(LSE + b * H + hkv * G + g, tl.where(den == 0.0, float("-inf"), (m + tl.log2(den_safe)) * LN2))
             tl.atomic_xchg(LOCK + b * HKV + hkv, 0)  # ready for the next call
 
 
@@ -161,8 +158,8 @@ def paged_decode_fwd(q, k_cache, v_cache, block_table, seq_lens, mode, sink, rec
     Hkv = k_cache.shape[2]
     page = k_cache.shape[1]
     q = q.contiguous()
-    bt = block_table if block_table.dtype == torch.int32 else block_table.to(torch.int32)
-    sl = seq_lens if seq_lens.dtype == torch.int32 else seq_lens.to(torch.int32)
+    bt = (block_table if block_table.dtype == torch.int32 else block_table.to(torch.int32)).contiguous()
+    sl = (seq_lens if seq_lens.dtype == torch.int32 else seq_lens.to(torch.int32)).contiguous()
     max_blocks = triton.cdiv(bt.shape[1] * page, block_size)
     if mode == MODE_INDEX:
         idx = block_indices if block_indices.dtype == torch.int32 else block_indices.to(torch.int32)
@@ -185,13 +182,9 @@ def paged_decode_fwd(q, k_cache, v_cache, block_table, seq_lens, mode, sink, rec
     bn = block_n or min(block_size, 64)
     _decode_split_kernel[(B, Hkv, num_splits)](
         q, k_cache, v_cache, bt, sl, idx, cnt, ws, ws[n_part * D:], o, lse, _locks(q.device, B * Hkv),
-        scale * _LOG2E,
-        q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
-        bt.stride(0), idx.stride(0), idx.stride(1) if idx.ndim > 1 else 0, cnt.stride(0), o.stride(0), o.stride(1),
-        H, Hkv, sink, recent, num_splits,
-        G=G, GP=max(16, triton.next_power_of_2(G)), BS=block_size, PAGE=page, BLOCK_N=bn, D=D, MODE=mode,
-        LN2=_LN2, num_warps=4, num_stages=2)
+        scale * _LOG2E, bt.shape[1], idx.shape[-1], num_splits, sink, recent,
+        H=H, HKV=Hkv, G=G, GP=max(16, triton.next_power_of_2(G)), BS=block_size, PAGE=page, BLOCK_N=bn, D=D,
+        NSP=max(2, triton.next_power_of_2(num_splits)), MODE=mode, LN2=_LN2, num_warps=4, num_stages=2)
     return o, lse
 
 
@@ -234,8 +227,8 @@ def _validate(q, k_cache, v_cache, block_table, seq_lens, sink_blocks, recent_bl
         raise ValueError(f"q: head dim {D} not supported; expected one of {_HEAD_DIMS}")
     if H % k_cache.shape[2] != 0:
         raise ValueError(f"k_cache: H_kv = {k_cache.shape[2]} must divide the number of query heads H = {H}")
-    if k_cache.stride(3) != 1 or v_cache.stride(3) != 1:
-        raise ValueError("k_cache/v_cache: the head dim must be contiguous")
+    if not (k_cache.is_contiguous() and v_cache.is_contiguous()):
+        raise ValueError("k_cache/v_cache: expected contiguous [num_pages, page_size, H_kv, D] tensors")
     if block_table.shape[0] != B or seq_lens.shape[0] != B:
         raise ValueError(f"block_table/seq_lens: expected batch {B}, got {tuple(block_table.shape)}, "
                          f"{tuple(seq_lens.shape)}")
@@ -277,6 +270,14 @@ def _validate(q, k_cache, v_cache, block_table, seq_lens, sink_blocks, recent_bl
                 raise ValueError("block_indices: each list must be strictly increasing, -1 padding only at the end")
 
 
+def _looks_fine(q, k_cache, v_cache, block_table, block_size, sink_blocks, block_indices) -> bool:
+    """Cheap shape/dtype screen for the ``validate=False`` hot path; anything odd gets the full checks."""
+    return (q.ndim == 3 and k_cache.ndim == 4 and k_cache.dtype == q.dtype == v_cache.dtype
+            and k_cache.shape == v_cache.shape and k_cache.shape[3] == q.shape[2] and q.shape[2] in _HEAD_DIMS
+            and q.shape[1] % k_cache.shape[2] == 0 and block_table.ndim == 2 and block_size in (64, 128)
+            and (sink_blocks is None or block_indices is None) and k_cache.is_contiguous() and v_cache.is_contiguous())
+
+
 def paged_decode_attention(q, k_cache, v_cache, block_table, seq_lens, *, sink_blocks=None, recent_blocks=None,
                            block_indices=None, block_size=128, scale=None, return_lse=False, validate=True,
                            num_splits=None, _any_block_size=False):
@@ -294,7 +295,8 @@ def paged_decode_attention(q, k_cache, v_cache, block_table, seq_lens, *, sink_b
             of the streaming pattern). Neither pattern: dense attention over the whole sequence.
         block_size: tokens per sparse block (64 or 128, default 128), independent of page_size.
         scale: default 1 / sqrt(D). num_splits: override the split-KV heuristic.
-        validate: also run the checks that need a device sync (ranges, sortedness).
+        validate: run every check, including those that need a device sync (ranges, sortedness);
+            with False (decode loops) only a cheap shape/dtype screen runs.
     Returns:
         o [B, H, D] in q's dtype (and lse [B, H] natural log, float32, if return_lse). A sequence
         with no selected key (seq_len 0 or an empty list) gets o = 0, lse = -inf.
@@ -302,8 +304,9 @@ def paged_decode_attention(q, k_cache, v_cache, block_table, seq_lens, *, sink_b
     Example:
         >>> o = paged_decode_attention(q, k_cache, v_cache, block_table, seq_lens, sink_blocks=1, recent_blocks=8)
     """
-    _validate(q, k_cache, v_cache, block_table, seq_lens, sink_blocks, recent_blocks, block_indices, block_size,
-              scale, _any_block_size, validate)
+    if validate or not _looks_fine(q, k_cache, v_cache, block_table, block_size, sink_blocks, block_indices):
+        _validate(q, k_cache, v_cache, block_table, seq_lens, sink_blocks, recent_blocks, block_indices, block_size,
+                  scale, _any_block_size, validate)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     if block_indices is not None:
         mode, sink, recent = MODE_INDEX, 0, 0

@@ -59,7 +59,7 @@ if triton is not None:
                 p = tl.where(ok, p, 0.0)
             dp = tl.dot(do, tl.trans(v))
             ds = p * (dp - delta[:, None])
-            dq += tl.dot(ds.to(k.dtype), k)
+            dq = tl.dot(ds.to(k.dtype), k, dq)
         return dq
 
     @triton.jit
@@ -138,10 +138,10 @@ if triton is not None:
             pT = tl.exp2(qkT * qk_scale - lse[None, :])
             if MASKED:
                 pT = tl.where(k_pos[:, None] <= offs_m[None, :], pT, 0.0)
-            dv += tl.dot(pT.to(do.dtype), do)
+            dv = tl.dot(pT.to(do.dtype), do, dv)
             dpT = tl.dot(v, tl.trans(do))
             dsT = pT * (dpT - delta[None, :])
-            dk += tl.dot(dsT.to(q.dtype), q)
+            dk = tl.dot(dsT.to(q.dtype), q, dk)
         return dk, dv
 
     @triton.jit

@@ -56,7 +56,7 @@ if triton is not None:
             p = tl.exp2(qk * qk_scale - m_new[:, None])
             alpha = tl.exp2(m_i - m_new)
             l_i = l_i * alpha + tl.sum(p, 1)
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+            acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None])  # accumulate inside the MMA
             m_i = m_new
         return acc, m_i, l_i
 
@@ -142,7 +142,7 @@ GPU_TILES = {
 }
 ATTN_CONFIGS = [  # (BLOCK_M, BLOCK_N, HPP, num_warps, num_stages); the last one fits every case
     (128, 64, 1, 8, 3), (128, 32, 1, 4, 4), (64, 64, 2, 8, 3), (64, 32, 2, 4, 4), (32, 64, 4, 8, 3),
-    (64, 64, 1, 4, 2), (64, 64, 1, 4, 3),
+    (64, 64, 1, 4, 4), (64, 32, 1, 4, 4), (64, 64, 1, 4, 2), (64, 64, 1, 4, 3),
 ]
 
 
