@@ -10,7 +10,7 @@ def test_comm_bench_cpu_smoke():
     assert [r["method"] for r in timed] == list(METHODS) + [f"{m}_auto" for m in flash]
     for r in timed:
         assert r["correct"], r
-        assert r["ms"] > 0 and r["world"] == 2
+        assert r["ms"] > 0 and r["world"] == 2 and r["bw_ideal_ms"] > 0
     flash = [r for r in timed if r["method"] in METHODS and r["method"] != "nccl_bf16"]
     assert all(r["ideal_speedup"] > 1.5 for r in flash)  # fewer wire bytes than bf16
     assert flash[0]["rel_err"] < flash[-1]["rel_err"]  # int8 more accurate than int4

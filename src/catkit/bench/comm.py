@@ -11,7 +11,8 @@ One run on every visible GPU (>= 2; the suite spawns one process per GPU itself,
 
 and reports per row: time (max over ranks of the mean of a fixed number of back-to-back calls,
 CUDA events), bus bandwidth, the bytes-limited ideal (NCCL's time at that size scaled by the
-wire bytes of our two steps over NCCL's, ``ideal_ms``), the speedup over NCCL, and the relative
+wire bytes of our two steps over NCCL's, ``ideal_ms``; and ``bw_ideal_ms``, those wire bytes at
+the best link rate NCCL reached at any size), the speedup over NCCL, and the relative
 RMS error against the exact fp32 all-reduce of the same inputs. ``correct`` requires finite output,
 identical results on every rank and an error under the bit width's tolerance. Summary rows
 ``fallback_<method>`` give the measured crossover (``fallback_bytes_measured``: the smallest
@@ -212,6 +213,17 @@ def _fallback_rows(rows: list[dict]) -> list[dict]:
     return out
 
 
+def _finish(rows: list[dict]) -> list[dict]:
+    """Add ``bw_ideal_ms``: the row's wire bytes at the best link rate any NCCL row reached in this
+    run (the physical bytes limit), then the fallback summary rows."""
+    nccl = [r for r in rows if r["method"] == "nccl_bf16"]
+    best = max((r["wire_MB"] / r["ms"] for r in nccl), default=0.0)
+    for r in rows:
+        if best > 0:
+            r["bw_ideal_ms"] = r["wire_MB"] / best
+    return rows + _fallback_rows(rows)
+
+
 def run_comm(quick: bool = False, device: str = "cuda", world: int | None = None,
              sizes: list[int] | None = None) -> list[dict]:
     """Spawn one rank per GPU (or ``world`` gloo ranks on CPU) and return the rows.
@@ -238,7 +250,7 @@ def run_comm(quick: bool = False, device: str = "cuda", world: int | None = None
         finally:
             if created:
                 dist.destroy_process_group()
-        return rows + _fallback_rows(rows)
+        return _finish(rows)
     if device == "cuda":
         world = world or torch.cuda.device_count()
         if world < 2:
@@ -247,8 +259,7 @@ def run_comm(quick: bool = False, device: str = "cuda", world: int | None = None
     else:
         world, backend = world or 2, "gloo"
     results = run_local(_rank_job, world, sizes, quick, device, backend=backend, timeout_s=560)
-    rows = results[0]
-    return rows + _fallback_rows(rows)
+    return _finish(results[0])
 
 
 def comm_suite(quick: bool) -> list[dict]:

@@ -12,7 +12,7 @@ width of the reduce-scatter step, ``gather_bits`` (default ``bits``) of the all-
 ``bits=4, gather_bits=8`` is the paper's "INT6". Each quantized row (codes plus its per-group
 scale and min) is one contiguous block, so each step is a single collective call; both calls
 (``all_to_all_single``, ``all_gather_single`` / ``all_gather_into_tensor``) exist on NCCL and gloo,
-so there is no backend branch.
+so there is no backend branch (buffers are 1-D because gloo's all-gather insists on it).
 
 Error bound per output value (fp32 metadata): ``sum_r s1[r, g] / 2 + s2[g] / 2`` where
 ``s1[r, g]`` is rank r's step for the value's group (its range / (2**bits - 1)) and ``s2[g]`` is
