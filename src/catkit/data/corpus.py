@@ -8,6 +8,8 @@ What is left out, and why:
   rest of the library and full of deliberately odd files (bad encodings, huge generated cases),
   ``idlelib`` is mostly its own tests and ``lib2to3`` is a deprecated parser with fixtures.
 * ``__pycache__``: compiled files, not source.
+* ``encodings``: about a hundred generated codec tables that differ only in their byte values;
+  with some in train and some in val they would make validation loss look far better than it is.
 
 The train/val split is decided per file by a stable hash (crc32) of its path relative to the
 library root, so it is the same on every run and every machine that has that file, and no file
@@ -22,7 +24,7 @@ import zlib
 from pathlib import Path
 
 EXCLUDED_DIRS = frozenset(
-    {"site-packages", "dist-packages", "test", "tests", "idlelib", "lib2to3", "__pycache__"}
+    {"site-packages", "dist-packages", "test", "tests", "idlelib", "lib2to3", "__pycache__", "encodings"}
 )
 SPLITS = ("train", "val")
 
