@@ -175,6 +175,20 @@ def test_half_precision_inputs_fp32_state(seed):
     _check("state fp16", s, s_ref, 3e-3)
 
 
+def test_bf16_inputs(seed):
+    x = _inputs(1, 80, 2, 32, 32, dtype=torch.bfloat16, h0=False)
+    ts = [x[n] for n in ("q", "k", "v", "bk")]
+    o, s = chunk_fg2_delta_rule(x["q"], x["k"], x["v"], x["g"].float(), x["bk"], output_final_state=True,
+                                chunk_size=32)
+    assert o.dtype == torch.bfloat16 and s.dtype == torch.float32
+    ref = [t.detach().float().requires_grad_() for t in ts]
+    o_ref, s_ref = naive_fg2_delta_rule(ref[0], ref[1], ref[2], x["g"].float(), ref[3], output_final_state=True)
+    _check("o bf16", o, o_ref, 2e-2)
+    _check("state bf16", s, s_ref, 2e-2)
+    for n, a, b in zip(("q", "k", "v", "bk"), _grads(o, s, ts), _grads(o_ref, s_ref, ref)):
+        _check(f"d{n} bf16", a, b, 2e-2)
+
+
 def test_one_sided_ablation_differs_and_reduces():
     torch.manual_seed(0)
     x = _inputs(1, 20, 1, 16, 16, h0=False)

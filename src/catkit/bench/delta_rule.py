@@ -220,20 +220,3 @@ def bench_delta_rule(quick: bool) -> list[dict]:
             if r["impl"] in ours and ("fla_kda", r["mode"]) in times:
                 r["ratio_vs_fla_kda"] = times[("fla_kda", r["mode"])] / r["ms"]
     return rows
-
-
-def main(argv=None):
-    """``python -m catkit.bench.delta_rule [--quick] [out_dir]``: run the suite through the harness."""
-    import sys
-
-    from catkit.bench.registry import run_suite
-
-    args = list(sys.argv[1:] if argv is None else argv)
-    quick = "--quick" in args
-    args = [a for a in args if a != "--quick"]
-    rec = run_suite("delta_rule", quick=quick, out_dir=args[0] if args else None)
-    return 0 if rec["ok"] else 1
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
