@@ -11,7 +11,7 @@ mkdir -p "$out"
 export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 status=0
 python3 -m catkit.cli info 2>&1 | tee "$out/info.log"
-python3 -m pytest -q -m gpu tests -rs -s --junitxml="$out/gpu_tests.xml" 2>&1 | tee "$out/gpu_tests.log" || status=1
+python3 -m pytest -q -m gpu tests -rs -s 2>&1 | tee "$out/gpu_tests.log" || status=1
 # shellcheck disable=SC2086
 python3 -m catkit.cli bench $suites --out "$out" 2>&1 | tee "$out/bench.log" || status=1
 echo "gpu_check: tests and benchmarks done (exit $status); results in $out"

@@ -86,6 +86,11 @@ def cmd_train(args) -> int:
     except KeyboardInterrupt:
         print(f"\ninterrupted at step {trainer.step}; the last complete checkpoint under {out}/checkpoints is intact")
         return 130
+    finally:
+        import torch.distributed as dist
+
+        if dist.is_initialized():
+            dist.destroy_process_group()
     if trainer.rank == 0:
         print(json.dumps({"run_dir": res.run_dir, "steps": res.steps, "first_val_loss": res.first_val_loss,
                           "final_val_loss": res.final_val_loss, "seconds": round(res.seconds, 1)}))
