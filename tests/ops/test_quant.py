@@ -200,7 +200,12 @@ def test_gpu_kernels_match_naive(seed, bits, spike):
     got = reduce_requantize_fwd(q, out_layout, n_valid=q.layout.n - 77)
     want = naive.quantize(naive.dequantize(q, reduce_rows=True), 8, 128, n_valid=q.layout.n - 77,
                           spike_reserve=spike)
-    assert_same_qtensor(got, want)
+    # the kernel's fp32 sum may differ from torch's in the last bit (FMA), which can move a code by
+    # one step or pick the other of two near-equal spikes: compare decoded values to one step
+    a, b = dequantize(got), naive.dequantize(want)
+    assert torch.equal(a.isnan(), b.isnan())
+    step = want.scale.float().nan_to_num(0).repeat_interleave(128, dim=-1).reshape(-1)[: a.numel()]
+    assert ((a - b).nan_to_num(0).abs() <= step * 1.01 + 1e-6).all()
 
 
 _COMPILE_SCRIPT = r"""
