@@ -59,6 +59,8 @@ def _check_qkv(q, k, v, cu_seqlens, scale, block_size, public_block_sizes=True):
         raise ValueError(f"k: H_kv = {k.shape[2]} must divide the number of query heads H = {H}")
     if D not in _HEAD_DIMS:
         raise ValueError(f"q: head dim {D} not supported; expected one of {_HEAD_DIMS}")
+    if q.numel() >= 2**31:
+        raise ValueError(f"q: {q.numel()} elements exceed the kernels' int32 offsets (< 2**31); split the batch")
     allowed = (64, 128) if public_block_sizes else (16, 32, 64, 128)
     if not isinstance(block_size, int) or block_size not in allowed:
         raise ValueError(f"block_size: expected one of {allowed}, got {block_size!r}")
