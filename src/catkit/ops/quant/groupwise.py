@@ -60,10 +60,11 @@ if triton is not None:
         mx = tl.where(nonempty, tl.max(tl.where(rest, x, -float("inf")), axis=1), 0.0)
         # quantize against the *stored* (rounded) min and scale so decoding sees the same numbers
         mn_r = mn.to(META).to(tl.float32)
-        s_r = (mx / QMAX - mn_r / QMAX).to(META).to(tl.float32)
+        # div_rn: Triton's "/" is an approximate division on the GPU; the reference divides exactly
+        s_r = (tl.math.div_rn(mx, QMAX) - tl.math.div_rn(mn_r, QMAX)).to(META).to(tl.float32)
         bad = bad | _not_finite(mn_r) | _not_finite(s_r)
         pos = s_r > 0
-        inv = tl.where(pos, 1.0 / tl.where(pos, s_r, 1.0), 0.0)
+        inv = tl.where(pos, tl.math.div_rn(1.0, tl.where(pos, s_r, 1.0)), 0.0)
         q = tl.floor((x - mn_r[:, None]) * inv[:, None] + 0.5)
         q = tl.minimum(tl.maximum(q, 0.0), QMAX)
         q = tl.where(rest & (bad == 0)[:, None], q, 0.0).to(tl.int32)
