@@ -35,6 +35,10 @@ class ModelConfig:
     init_std: float = 0.02
     # mixer-specific options (e.g. a delta-rule variant); kept free-form so one dataclass serves all
     mixer_options: dict = field(default_factory=dict)
+    # hashed N-gram input embedding (catkit.layers.ngram_embedding); None = plain token embedding.
+    # Keys (all optional): max_n, n_splits, table_ratio | table_base, table_dim, amplify, norm,
+    # eos_id, use_kernel; see NGRAM_DEFAULTS there.
+    ngram: dict | None = None
 
     def __post_init__(self):
         self.validate()
@@ -82,6 +86,10 @@ class ModelConfig:
             raise ValueError(f"n_experts: expected >= 0, got {self.n_experts}")
         if self.n_experts and not 1 <= self.moe_top_k <= self.n_experts:
             raise ValueError(f"moe_top_k: expected 1..n_experts={self.n_experts}, got {self.moe_top_k}")
+        if self.ngram is not None:
+            from catkit.layers.ngram_embedding import ngram_options
+
+            ngram_options(self.ngram, self.vocab_size, self.d_model)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

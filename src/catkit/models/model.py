@@ -10,6 +10,7 @@ from torch import nn
 
 from catkit.layers.mlp import SwiGLU
 from catkit.layers.moe import MoE
+from catkit.layers.ngram_embedding import NgramEmbedding
 from catkit.layers.rmsnorm import RMSNorm
 from catkit.layers.rope import rope_cos_sin
 from catkit.models.config import ModelConfig
@@ -50,7 +51,8 @@ class CatModel(nn.Module):
         super().__init__()
         cfg.validate()
         self.cfg = cfg
-        self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        # the N-gram embedding exposes the token table as .weight too, so tying works either way
+        self.embed = NgramEmbedding.from_config(cfg) if cfg.ngram else nn.Embedding(cfg.vocab_size, cfg.d_model)
         self.blocks = nn.ModuleList(Block(cfg, letter) for letter in cfg.pattern)
         self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.lm_head = None if cfg.tie_embeddings else nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
@@ -64,11 +66,17 @@ class CatModel(nn.Module):
         return sum(p.numel() for p in self.parameters())
 
     def new_caches(self, batch_size: int, max_len: int | None = None, device=None, dtype=None) -> list:
-        """One cache per layer for incremental decoding (kind depends on the layer's mixer)."""
+        """One cache per layer for incremental decoding (kind depends on the layer's mixer).
+
+        With ``cfg.ngram`` one more entry follows the layers' caches: the N-gram decode state.
+        """
         max_len = max_len or self.cfg.max_seq_len
         device = device or self.embed.weight.device
         dtype = dtype or self.embed.weight.dtype
-        return [b.mixer.new_cache(batch_size, max_len, device, dtype) for b in self.blocks]
+        caches = [b.mixer.new_cache(batch_size, max_len, device, dtype) for b in self.blocks]
+        if self.cfg.ngram:
+            caches.append(self.embed.new_cache(batch_size, device))
+        return caches
 
     def _positions(self, input_ids, caches, cu_seqlens):
         b, t = input_ids.shape
@@ -89,7 +97,10 @@ class CatModel(nn.Module):
             raise ValueError(f"input_ids: expected [B, T], got shape {tuple(input_ids.shape)}")
         if input_ids.numel() and (input_ids.min() < 0 or input_ids.max() >= self.cfg.vocab_size):
             raise ValueError(f"input_ids: ids must be in [0, {self.cfg.vocab_size})")
-        x = self.embed(input_ids)
+        if self.cfg.ngram:
+            x = self.embed(input_ids, cache=caches[-1] if caches else None, cu_seqlens=cu_seqlens)
+        else:
+            x = self.embed(input_ids)
         positions = self._positions(input_ids, caches, cu_seqlens)
         rope = rope_cos_sin(positions, self.cfg.dim_head, self.cfg.rope_theta, dtype=x.dtype)
         aux = x.new_zeros((), dtype=torch.float32)
