@@ -197,9 +197,10 @@ def chunk_bwd_dqkg_kernel(q, k, G, Tm, vn, h, dh, do, dvn, dA, dP, dq, dk, dg,
         G_j = tl.load(G + offj, mask=jm, other=0.0)
         lo = (rl >= jl)[:, None] & m
         E = tl.where(lo, tl.exp(tl.where(lo, b_G - G_j, 0.0)), 0.0)
-        sel = cols[None, :] == jr[:, None]
-        mP = tl.sum(tl.where(sel, b_dP, 0.0), axis=1)
-        mA = tl.sum(tl.where(sel, b_dA, 0.0), axis=1)
+        # dP[i, j(i)] and dA[i, j(i)] gathered straight from memory (written by chunk_bwd_dap)
+        offm = (t0 + rows) * (H * BT) + i_h * BT + jr
+        mP = tl.load(dP + offm, mask=valid, other=0.0)
+        mA = tl.load(dA + offm, mask=valid, other=0.0)
         kE = k_j * E
         b_dqP += mP[:, None] * kE
         b_dkA += mA[:, None] * kE

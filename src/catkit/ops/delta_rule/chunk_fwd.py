@@ -88,8 +88,12 @@ def chunk_prep_kernel(q, k, v, G, Tm, P, W, U, QG, KD, chunk_indices, cu_seqlens
     valid = (t0 + rows) < eos
     last = tl.minimum(t0 + BT, eos) - 1
 
+    c16 = tl.arange(0, BC)
     b_A = tl.zeros([BT, BT], dtype=tl.float32)
     b_P = tl.zeros([BT, BT], dtype=tl.float32)
+    # diagonal-block entries kept compactly: b_DA[r, jl] = A[r, BC * (r // BC) + jl]
+    b_DA = tl.zeros([BT, BC], dtype=tl.float32)
+    b_DP = tl.zeros([BT, BC], dtype=tl.float32)
     for i_k in range(0, NK):
         ck = i_k * BKS + tl.arange(0, BKS)
         m = valid[:, None] & (ck[None, :] < K)
@@ -121,15 +125,20 @@ def chunk_prep_kernel(q, k, v, G, Tm, P, W, U, QG, KD, chunk_indices, cu_seqlens
             kE = k_j * E
             colA = tl.where(rl > jl, tl.sum(b_k * kE, axis=1), 0.0)
             colP = tl.sum(b_q * kE, axis=1)
-            sel = cols[None, :] == jr[:, None]
-            b_A += tl.where(sel, colA[:, None], 0.0)
-            b_P += tl.where(sel, colP[:, None], 0.0)
+            sel = c16[None, :] == jl
+            b_DA += tl.where(sel, colA[:, None], 0.0)
+            b_DP += tl.where(sel, colP[:, None], 0.0)
+    # expand the compact diagonal blocks to [BT, BT] with a 0/1 selector product (fp32-exact)
+    same = rb[:, None] == cb[None, :]
+    sel16 = tl.where(c16[:, None] == (cols % BC)[None, :], 1.0, 0.0)
+    b_A += tl.where(same, tl.dot(b_DA, sel16, input_precision=INV_PREC), 0.0)
+    b_P += tl.where(same, tl.dot(b_DP, sel16, input_precision=INV_PREC), 0.0)
 
     # T = (I + A)^-1. Diagonal blocks D by forward substitution, all sub-chunks at once (row rl of
     # every block per step); then with M = D^-1 L (L = blocks below the diagonal, M^NS = 0):
     # T = (I - M + M^2 - M^3) D^-1 = (I - M)(I + M^2) D^-1, exact for NS <= 4.
     eye = tl.where(rows[:, None] == cols[None, :], 1.0, 0.0)
-    b_Ad = tl.where(rb[:, None] == cb[None, :], b_A, 0.0)
+    b_Ad = tl.where(same, b_A, 0.0)
     b_Td = eye
     for i in range(1, BC):
         nt = eye - tl.dot(b_Ad, b_Td, input_precision=INV_PREC)
