@@ -86,11 +86,12 @@ if triton is not None:
                           MAX_N, HAS_CTX, HAS_EOS)
         tl.store(ids_ptr + offs.to(tl.int64) * n_tables + t, ids, mask=m)
 
+    # tiles stay <= 64 x 128 values: every element carries a 64-bit address, so bigger tiles spill
     @autotune(configs=[triton.Config({"BLOCK_T": 16}, num_warps=4),
                        triton.Config({"BLOCK_T": 32}, num_warps=4),
                        triton.Config({"BLOCK_T": 32}, num_warps=8),
                        triton.Config({"BLOCK_T": 64}, num_warps=8),
-                       triton.Config({"BLOCK_T": 128}, num_warps=8)],
+                       triton.Config({"BLOCK_T": 8}, num_warps=2)],
               key=["D", "MAX_N"])
     @triton.jit
     def _fwd_kernel(tok_ptr, ctx_ptr, seq_ptr, cu_ptr, coef_ptr, mod_ptr, rowoff_ptr, w_ptr, ids_ptr, out_ptr,
@@ -173,7 +174,7 @@ def _layout(tokens, cu_seqlens, context, max_n):
 
 
 def _block_d(d_e: int) -> int:
-    cap = 32 if interpreted() else 256
+    cap = 32 if interpreted() else 128
     return min(cap, triton.next_power_of_2(d_e))
 
 
