@@ -253,8 +253,8 @@ def chunk_bwd(q, k, v, saved, do, dht, scale, meta, need_dh0):
     dq = torch.empty_like(q)
     dk = torch.empty_like(k)
     dg = torch.empty(NTOK, H, K, device=dev, dtype=torch.float32)
-    opts = [dict(BKS=kb["BKS"], BV=vb["BV"], num_warps=kb["num_warps"], num_stages=1)
-            for kb in kblock_options(BK, K) for vb in vtile_options(V)[::2]]
+    opts = [dict(BKS=kb["BKS"], BV=bv, num_warps=kb["num_warps"], num_stages=kb["num_stages"])
+            for kb in kblock_options(BK, K) for bv in sorted({vtile_options(V)[0]["BV"], 16}, reverse=True)]
     launch(chunk_bwd_dqkg_kernel, lambda opt: (NT, H, triton.cdiv(K, opt["BKS"])),
            (q, k, G, Tm, vn, h, dh, do, dvn, dA, dP, dq, dk, dg, ci, cu, scale),
            dict(H=H, K=K, V=V, BT=BT, BC=min(16, BT), DOT_PREC=prec), opts)

@@ -239,7 +239,7 @@ def launch(kernel, grid_fn, args, consts, options):
     """
     from triton.runtime.errors import OutOfResources
 
-    key = (kernel.fn.__name__, tuple(sorted(consts.items())))
+    key = (kernel.fn.__name__, PIPELINE_STAGES, tuple(sorted(consts.items())))
     start = _CHOSEN.get(key, 0)
     err = None
     for i in range(start, len(options)):
@@ -291,7 +291,7 @@ def chunk_fwd(q, k, v, g, scale, initial_state, output_final_state, meta, save):
     U = torch.empty(NTOK, H, V, device=dev, dtype=q.dtype)
     launch(chunk_prep_kernel, lambda o: (NT, H), (q, k, v, G, Tm, P, W, U, QG, KD, ci, cu),
            dict(H=H, K=K, V=V, BT=BT, BC=min(16, BT), DOT_PREC=pr["DOT_PREC"], INV_PREC=pr["INV_PREC"]),
-           [dict(**kb, BV=vb["BV"]) for kb in kblock_options(BK, K) for vb in vtile_options(V)[:1]])
+           [dict(**kb, BV=min(32, max(16, triton.next_power_of_2(V)))) for kb in kblock_options(BK, K)])
     o = torch.empty(NTOK, H, V, device=dev, dtype=q.dtype)
     vn = torch.empty(NTOK, H, V, device=dev, dtype=torch.float32) if save else o
     h = torch.empty(NT, H, K, V, device=dev, dtype=torch.float32) if save else o
@@ -306,13 +306,25 @@ def chunk_fwd(q, k, v, g, scale, initial_state, output_final_state, meta, save):
     return o, (ht if output_final_state else None), saved
 
 
+# Software-pipelining depth tried first (1 = none); a module setting so that a GPU check can pin
+# it to 1 if a Triton version miscompiles the pipelined loops. ``launch`` still falls back to
+# smaller tiles / fewer stages on OutOfResources.
+PIPELINE_STAGES = 2
+
+
+def _stages():
+    return sorted({PIPELINE_STAGES, 1}, reverse=True)
+
+
 def vtile_options(V):
-    """V-tile sizes to try, largest first; no software pipelining (its buffers blow shared memory)."""
+    """(BV, num_warps, num_stages) to try, largest first."""
     top = min(32, max(16, triton.next_power_of_2(V)))
-    return [dict(BV=bv, num_warps=w, num_stages=1) for bv in sorted({top, 16}, reverse=True) for w in (8, 4)]
+    return [dict(BV=bv, num_warps=w, num_stages=st) for st in _stages()
+            for bv in sorted({top, 16}, reverse=True) for w in (8, 4)]
 
 
 def kblock_options(BK, K):
+    """(BKS, NK, num_warps, num_stages) to try for kernels that walk K in blocks."""
     top = min(32, BK)
-    return [dict(BKS=b, NK=triton.cdiv(K, b), num_warps=w, num_stages=1)
+    return [dict(BKS=b, NK=triton.cdiv(K, b), num_warps=w, num_stages=st) for st in _stages()
             for b in sorted({top, 16}, reverse=True) for w in (8, 4)]
