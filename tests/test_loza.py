@@ -61,7 +61,7 @@ def test_gate_gradient_is_the_dense_streaming_difference(seed):
         x, y = random_data(t)(0)
         torch.nn.functional.cross_entropy(m(x).logits.flatten(0, 1), y.flatten()).backward()
         grads[t] = [float(b.mixer.loza_gate.grad.abs()) for b in m.blocks]
-    assert max(grads[32]) < 1e-6 < 1e-4 < min(grads[96])
+    assert max(grads[32]) < 1e-8 and min(grads[96]) > 1e-6  # observed: ~1e-9 (rounding) vs ~1e-4
 
 
 def test_calibrate_l1_pushes_toward_streaming(seed):
