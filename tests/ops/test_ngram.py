@@ -176,3 +176,42 @@ def test_fused_gather_gpu(seed, dtype):
     (gw,) = torch.autograd.grad(out, w, g)
     (gw_ref,) = torch.autograd.grad(ref, w_ref, g.float())
     assert_close(gw.float(), gw_ref, 1e-6 if dtype == torch.float32 else 1e-2, "grad tables")
+
+
+_COMPILE_SCRIPT = r"""
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from triton.runtime.autotuner import Autotuner
+import catkit.ops.ngram.fused as fz
+
+PTR = {"tok_ptr": "*i64", "ctx_ptr": "*i64", "seq_ptr": "*i32", "cu_ptr": "*i64", "coef_ptr": "*i64",
+       "mod_ptr": "*i64", "rowoff_ptr": "*i64", "w_ptr": "*bf16", "ids_ptr": "*i64", "out_ptr": "*bf16",
+       "g_ptr": "*fp32", "gw_ptr": "*fp32"}
+
+def build(kernel, constexprs, num_warps):
+    fn = kernel.fn if isinstance(kernel, Autotuner) else kernel
+    sig = {n: ("constexpr" if n in constexprs else PTR.get(n, "i32")) for n in fn.arg_names}
+    attrs = {(fn.arg_names.index(n),): [["tt.divisibility", 16]] for n, v in sig.items() if v.startswith("*")}
+    triton.compile(ASTSource(fn=fn, signature=sig, constexprs=constexprs, attrs=attrs),
+                   target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps})
+
+build(fz._ids_kernel, {"MAX_N": 4, "HAS_CTX": True, "HAS_EOS": True, "BLOCK_T": 256}, 4)
+build(fz._fwd_kernel, {"D": 256, "MAX_N": 4, "HAS_CTX": True, "HAS_EOS": True, "BLOCK_T": 64, "BLOCK_D": 128}, 8)
+build(fz._bwd_kernel, {"D": 96, "BLOCK_T": 32, "BLOCK_D": 128}, 4)
+print("compiled")
+"""
+
+
+@pytest.mark.slow
+def test_kernels_compile_for_sm90():
+    """The kernels compile to sm_90 with this machine's Triton, no GPU needed (a separate process:
+    under TRITON_INTERPRET=1 the kernels are interpreter objects)."""
+    import os
+    import subprocess
+    import sys
+
+    pytest.importorskip("triton.backends.compiler")
+    env = {**os.environ, "TRITON_INTERPRET": "0", "TRITON_DEFAULT_FP_FUSION": "1"}
+    r = subprocess.run([sys.executable, "-c", _COMPILE_SCRIPT], env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and "compiled" in r.stdout, r.stderr[-3000:]
