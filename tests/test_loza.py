@@ -64,6 +64,20 @@ def test_gate_gradient_is_the_dense_streaming_difference(seed):
     assert max(grads[32]) < 1e-8 and min(grads[96]) > 1e-6  # observed: ~1e-9 (rounding) vs ~1e-4
 
 
+def test_calibrate_ranks_gates_by_gain(seed):
+    """A gate whose alpha lowers the loss more ends higher (shared-scale update keeps magnitudes)."""
+    m = tiny("AAAA")
+    gain = [3.0, 1.0, 0.2, 2.0]
+
+    def loss_fn(model, x, y):
+        alpha = torch.stack([torch.sigmoid(b.mixer.loza_gate) for b in model.blocks])
+        return -(torch.tensor(gain) * alpha).sum() + 0 * model(x[:, :8]).logits.sum()
+
+    alphas = calibrate(m, random_data(8), steps=20, lr=0.1, loss_fn=loss_fn, progress=False)
+    assert sorted(range(4), key=lambda i: alphas[i]) == [2, 1, 3, 0]
+    assert alphas[0] - alphas[3] > 0.05 and alphas[1] - alphas[2] > 0.05
+
+
 def test_calibrate_l1_pushes_toward_streaming(seed):
     m = tiny("AA")
     low = calibrate(m, random_data(32), steps=3, lr=0.5, l1=1.0, progress=False)

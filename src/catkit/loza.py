@@ -101,7 +101,10 @@ def calibrate(model: nn.Module, data, steps: int, *, lr: float = 0.05, l1: float
             Use long sequences: where every query's window covers its whole prefix, dense and
             streaming agree and the gate learns nothing.
         steps: optimizer steps on the gates.
-        lr: Adam learning rate of the gate logits.
+        lr: step size on the gate logits. The update is Adam with ONE second moment shared by all
+            gates (the mean squared gradient): per-gate Adam would move every gate that prefers
+            dense at the same speed whatever its gain, losing the ranking LoZA needs; a shared
+            scale keeps each gate's step proportional to its gradient.
         l1: weight of ``sum(alpha)`` added to the loss (pushes gates toward streaming).
         init_logit: starting logit (0: alpha = 0.5).
         amp_dtype: autocast dtype (e.g. ``torch.bfloat16`` on a GPU), None for none.
@@ -132,7 +135,9 @@ def calibrate(model: nn.Module, data, steps: int, *, lr: float = 0.05, l1: float
         m.loza_gate = nn.Parameter(torch.full((), float(init_logit), device=device))
         m.mode = "gated"
         gates.append(m.loza_gate)
-    opt = torch.optim.Adam(gates, lr=lr)
+    m1 = torch.zeros(len(gates), device=device)
+    v2 = torch.zeros((), device=device)
+    beta1, beta2, eps = 0.9, 0.99, 1e-12
     model.eval()  # frozen model: no dropout; gradients still reach the gates
     try:
         bar = tqdm(range(steps), disable=not progress, desc="loza calibrate", unit="step")
@@ -143,9 +148,14 @@ def calibrate(model: nn.Module, data, steps: int, *, lr: float = 0.05, l1: float
                 loss = loss_fn(model, inputs, targets)
             alpha = torch.sigmoid(torch.stack(gates))
             total = loss.float() + l1 * alpha.sum()
-            opt.zero_grad(set_to_none=True)
-            total.backward()
-            opt.step()
+            grad = torch.autograd.grad(total, gates)
+            with torch.no_grad():
+                g = torch.stack(grad).float()
+                m1.mul_(beta1).add_(g, alpha=1 - beta1)
+                v2.mul_(beta2).add_(g.pow(2).mean(), alpha=1 - beta2)
+                m_hat, v_hat = m1 / (1 - beta1 ** (step + 1)), v2 / (1 - beta2 ** (step + 1))
+                for gate, upd in zip(gates, lr * m_hat / (v_hat.sqrt() + eps)):
+                    gate.sub_(upd)
             if log is not None:
                 log.append({"step": step + 1, "loss": float(loss.detach()), "alphas": torch.sigmoid(torch.stack(gates).detach()).tolist()})
             bar.set_postfix(loss=f"{float(loss.detach()):.3f}")
