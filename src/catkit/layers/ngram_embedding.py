@@ -114,6 +114,10 @@ class NgramState:
         self.context = torch.zeros(batch_size, max_n - 1, dtype=torch.int64, device=device)
         self.length = 0
 
+    @property
+    def nbytes(self) -> int:
+        return self.context.numel() * self.context.element_size()
+
 
 class NgramEmbedding(nn.Module):
     """Input embedding of ``CatModel`` when ``ModelConfig.ngram`` is set.
