@@ -14,6 +14,8 @@ from catkit.ops.delta_rule.naive import (chunked_reference_fg2, naive_fg2_delta_
 from catkit.utils.testing import assert_close, rel_rms
 
 RTOL = 1e-4  # fp32 kernels vs fp32 token loop, relative RMS
+# A kernel lane that overflows (even if masked out later) means it read past a sequence or chunk.
+pytestmark = pytest.mark.filterwarnings("error::RuntimeWarning")
 
 
 def _inputs(B, T, H, K, V, *, decay=1.0, scalar_g=False, dtype=torch.float32, device="cpu", h0=True,
@@ -46,7 +48,7 @@ def _check(name, a, b, rtol):
 
 
 @pytest.mark.parametrize("T,BT,K,decay,coupled", [(63, 32, 48, 1.0, False), (100, 64, 16, 1.0, True),
-                                                   (100, 64, 16, 20.0, False)])
+                                                   (70, 64, 16, 20.0, False)])
 def test_chunk_matches_naive_fwd_bwd(seed, T, BT, K, decay, coupled):
     V = K if coupled else 32
     x = _inputs(2, T, 2, K, V, decay=decay)
@@ -74,7 +76,7 @@ def test_chunked_reference_matches_naive(seed):
 
 
 def test_varlen_packed_equals_separate(seed):
-    lens = [37, 64, 5, 50]
+    lens = [37, 33, 5, 20]
     cu = torch.tensor([0] + list(torch.tensor(lens).cumsum(0)), dtype=torch.int32)
     x = _inputs(1, sum(lens), 2, 16, 32, N=len(lens))
     ts = [x[n] for n in ("q", "k", "v", "g", "bk", "bv", "s0")]

@@ -54,7 +54,7 @@ def chunk_bwd_state_kernel(QG, KD, W, G, P, do, dvn, dh, dht, dh0, cu_seqlens, c
         off = (t0 + rows)[:, None] * (H * K) + i_h * K + ck[None, :]
         offv = (t0 + rows)[:, None] * (H * V) + i_h * V + cv[None, :]
         offc = (t0 + rows)[:, None] * (H * BT) + i_h * BT + cols[None, :]
-        b_P = tl.load(P + offc, mask=valid[:, None], other=0.0)
+        b_P = tl.load(P + offc, mask=valid[:, None] & (rows[:, None] >= cols[None, :]), other=0.0)
         b_W = tl.load(W + off, mask=m, other=0.0)
         b_qg = tl.load(QG + off, mask=m, other=0.0)
         b_kd = tl.load(KD + off, mask=m, other=0.0)

@@ -72,67 +72,93 @@ def _mm(a, b, OP_BF16: tl.constexpr, DOT_PREC: tl.constexpr):
 
 
 @triton.jit
-def chunk_prep_kernel(q, k, v, G, Tm, P, W, U, QG, KD, chunk_indices, cu_seqlens,
-                      H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr,
-                      BC: tl.constexpr, BKS: tl.constexpr, NK: tl.constexpr, BV: tl.constexpr,
-                      DOT_PREC: tl.constexpr, INV_PREC: tl.constexpr):
-    """Per chunk: A, P, T = (I + A)^-1, W = T (K e^G), U = T V, QG = Q e^G, KD = K e^(G_C - G)."""
-    i_t, i_h = tl.program_id(0), tl.program_id(1)
-    t0, eos = _seq_bounds(chunk_indices, cu_seqlens, i_t, BT)
-    NS: tl.constexpr = BT // BC
-    rows = tl.arange(0, BT)
-    cols = tl.arange(0, BT)
-    rb = rows // BC  # sub-chunk of each row
-    cb = cols // BC
-    rl = rows % BC   # position inside the sub-chunk
-    valid = (t0 + rows) < eos
-    last = tl.minimum(t0 + BT, eos) - 1
+def chunk_intra_kernel(q, k, G, A, P, chunk_indices, cu_seqlens,
+                       H: tl.constexpr, K: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr,
+                       BKS: tl.constexpr, NK: tl.constexpr, DOT_PREC: tl.constexpr):
+    """Rows of sub-chunk ``a`` (BC rows) of A = strict_lower(K D K^T) and P = lower(Q D K^T).
 
+    One small program per (chunk, head, sub-chunk) keeps the register footprint low, so many run
+    per SM and hide the latency of the per-column loop on the diagonal block.
+    """
+    i_t, i_h, i_a = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    t0, eos = _seq_bounds(chunk_indices, cu_seqlens, i_t, BT)
     c16 = tl.arange(0, BC)
-    b_A = tl.zeros([BT, BT], dtype=tl.float32)
-    b_P = tl.zeros([BT, BT], dtype=tl.float32)
-    # diagonal-block entries kept compactly: b_DA[r, jl] = A[r, BC * (r // BC) + jl]
-    b_DA = tl.zeros([BT, BC], dtype=tl.float32)
-    b_DP = tl.zeros([BT, BC], dtype=tl.float32)
+    ra = i_a * BC + c16  # this block's rows, inside the chunk
+    valid = (t0 + ra) < eos
+    offa = (t0 + ra)[:, None] * (H * BT) + i_h * BT
+    # Blocks left of the diagonal: exp(G_i - G_j) = exp(G_i - G_r) exp(G_r - G_j) with G_r the
+    # cumulative decay at the last row of column block b; both exponents are <= 0, so neither
+    # factor can overflow however strong the decay, and the products run on tensor cores.
+    # a sub-chunk past the sequence end writes nothing; its blocks may not read past it either
+    n_left = tl.where(t0 + i_a * BC < eos, i_a, 0)
+    for b in range(0, n_left):
+        r_ref = tl.minimum(t0 + b * BC + BC - 1, eos - 1)
+        b_a = tl.zeros([BC, BC], dtype=tl.float32)
+        b_p = tl.zeros([BC, BC], dtype=tl.float32)
+        for i_k in range(0, NK):
+            ck = i_k * BKS + tl.arange(0, BKS)
+            m = valid[:, None] & (ck[None, :] < K)
+            mb = ((t0 + b * BC + c16) < eos)[:, None] & (ck[None, :] < K)
+            off = (t0 + ra)[:, None] * (H * K) + i_h * K + ck[None, :]
+            offb = (t0 + b * BC + c16)[:, None] * (H * K) + i_h * K + ck[None, :]
+            b_k = tl.load(k + off, mask=m, other=0.0).to(tl.float32)
+            b_q = tl.load(q + off, mask=m, other=0.0).to(tl.float32)
+            b_G = tl.load(G + off, mask=m, other=0.0)
+            b_kb = tl.load(k + offb, mask=mb, other=0.0).to(tl.float32)
+            b_Gb = tl.load(G + offb, mask=mb, other=0.0)
+            G_r = tl.load(G + r_ref * (H * K) + i_h * K + ck, mask=ck < K, other=0.0)
+            F = tl.where(m, tl.exp(tl.where(m, b_G - G_r[None, :], 0.0)), 0.0)
+            R = tl.where(mb, b_kb * tl.exp(tl.where(mb, G_r[None, :] - b_Gb, 0.0)), 0.0)
+            b_a += tl.dot(b_k * F, tl.trans(R), input_precision=DOT_PREC)
+            b_p += tl.dot(b_q * F, tl.trans(R), input_precision=DOT_PREC)
+        tl.store(A + offa + b * BC + c16[None, :], b_a, mask=valid[:, None])
+        tl.store(P + offa + b * BC + c16[None, :], b_p, mask=valid[:, None])
+    # Diagonal block: the exact per-pair ratio, one column at a time.
+    b_a = tl.zeros([BC, BC], dtype=tl.float32)
+    b_p = tl.zeros([BC, BC], dtype=tl.float32)
     for i_k in range(0, NK):
         ck = i_k * BKS + tl.arange(0, BKS)
         m = valid[:, None] & (ck[None, :] < K)
-        off = (t0 + rows)[:, None] * (H * K) + i_h * K + ck[None, :]
+        off = (t0 + ra)[:, None] * (H * K) + i_h * K + ck[None, :]
         b_k = tl.load(k + off, mask=m, other=0.0).to(tl.float32)
         b_q = tl.load(q + off, mask=m, other=0.0).to(tl.float32)
         b_G = tl.load(G + off, mask=m, other=0.0)
-        # Blocks below the diagonal of sub-chunks: exp(G_i - G_j) = exp(G_i - G_r) exp(G_r - G_j)
-        # with G_r the cumulative decay at the last row of column block b; both factors have an
-        # exponent <= 0, so they cannot overflow, and products run on tensor cores.
-        for b in range(0, NS - 1):
-            r_ref = tl.minimum(t0 + b * BC + BC - 1, eos - 1)
-            G_r = tl.load(G + r_ref * (H * K) + i_h * K + ck, mask=ck < K, other=0.0)
-            lm = (rb > b)[:, None] & m
-            F = tl.where(lm, tl.exp(tl.where(lm, b_G - G_r[None, :], 0.0)), 0.0)
-            rm = (rb == b)[:, None] & m
-            R = tl.where(rm, b_k * tl.exp(tl.where(rm, G_r[None, :] - b_G, 0.0)), 0.0)
-            b_A += tl.dot(b_k * F, tl.trans(R), input_precision=DOT_PREC)
-            b_P += tl.dot(b_q * F, tl.trans(R), input_precision=DOT_PREC)
-        # Diagonal sub-chunk blocks: the exact per-pair ratio, column jl of every block at once.
         for jl in range(0, BC):
-            jr = rb * BC + jl
-            jm = ((t0 + jr) < eos)[:, None] & (ck[None, :] < K)
-            offj = (t0 + jr)[:, None] * (H * K) + i_h * K + ck[None, :]
+            jm = (ck < K) & ((t0 + i_a * BC + jl + ck * 0) < eos)
+            offj = (t0 + i_a * BC + jl) * (H * K) + i_h * K + ck
             k_j = tl.load(k + offj, mask=jm, other=0.0).to(tl.float32)
             G_j = tl.load(G + offj, mask=jm, other=0.0)
-            lo = (rl >= jl)[:, None] & m
-            E = tl.where(lo, tl.exp(tl.where(lo, b_G - G_j, 0.0)), 0.0)
-            kE = k_j * E
-            colA = tl.where(rl > jl, tl.sum(b_k * kE, axis=1), 0.0)
+            lo = (c16 >= jl)[:, None] & m
+            E = tl.where(lo, tl.exp(tl.where(lo, b_G - G_j[None, :], 0.0)), 0.0)
+            kE = k_j[None, :] * E
+            colA = tl.where(c16 > jl, tl.sum(b_k * kE, axis=1), 0.0)
             colP = tl.sum(b_q * kE, axis=1)
             sel = c16[None, :] == jl
-            b_DA += tl.where(sel, colA[:, None], 0.0)
-            b_DP += tl.where(sel, colP[:, None], 0.0)
-    # expand the compact diagonal blocks to [BT, BT] with a 0/1 selector product (fp32-exact)
+            b_a += tl.where(sel, colA[:, None], 0.0)
+            b_p += tl.where(sel, colP[:, None], 0.0)
+    tl.store(A + offa + i_a * BC + c16[None, :], b_a, mask=valid[:, None])
+    tl.store(P + offa + i_a * BC + c16[None, :], b_p, mask=valid[:, None])
+
+
+@triton.jit
+def chunk_prep_kernel(k, v, G, A, Tm, W, U, QG, KD, q, chunk_indices, cu_seqlens,
+                      H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr,
+                      BC: tl.constexpr, BKS: tl.constexpr, NK: tl.constexpr, BV: tl.constexpr,
+                      DOT_PREC: tl.constexpr, INV_PREC: tl.constexpr):
+    """Per chunk: T = (I + A)^-1, W = T (K e^G), U = T V, QG = Q e^G, KD = K e^(G_C - G)."""
+    i_t, i_h = tl.program_id(0), tl.program_id(1)
+    t0, eos = _seq_bounds(chunk_indices, cu_seqlens, i_t, BT)
+    rows = tl.arange(0, BT)
+    cols = tl.arange(0, BT)
+    rb = rows // BC
+    cb = cols // BC
+    rl = rows % BC
+    valid = (t0 + rows) < eos
+    last = tl.minimum(t0 + BT, eos) - 1
+    offc = (t0 + rows)[:, None] * (H * BT) + i_h * BT + cols[None, :]
+    # only the strictly lower part of A was written (NaN-poisoned or stale elsewhere)
+    b_A = tl.load(A + offc, mask=valid[:, None] & (rows[:, None] > cols[None, :]), other=0.0)
     same = rb[:, None] == cb[None, :]
-    sel16 = tl.where(c16[:, None] == (cols % BC)[None, :], 1.0, 0.0)
-    b_A += tl.where(same, tl.dot(b_DA, sel16, input_precision=INV_PREC), 0.0)
-    b_P += tl.where(same, tl.dot(b_DP, sel16, input_precision=INV_PREC), 0.0)
 
     # T = (I + A)^-1. Diagonal blocks D by forward substitution, all sub-chunks at once (row rl of
     # every block per step); then with M = D^-1 L (L = blocks below the diagonal, M^NS = 0):
@@ -149,10 +175,8 @@ def chunk_prep_kernel(q, k, v, G, Tm, P, W, U, QG, KD, chunk_indices, cu_seqlens
     b_X = tl.dot(eye - b_M, eye + b_M2, input_precision=INV_PREC)
     b_T = tl.dot(b_X, b_Td, input_precision=INV_PREC)
 
-    offc = (t0 + rows)[:, None] * (H * BT) + i_h * BT + cols[None, :]
     mc = valid[:, None] & (cols[None, :] < BT)
     tl.store(Tm + offc, b_T, mask=mc)
-    tl.store(P + offc, b_P, mask=mc)
     for i_k in range(0, NK):
         ck = i_k * BKS + tl.arange(0, BKS)
         m = valid[:, None] & (ck[None, :] < K)
@@ -215,7 +239,8 @@ def chunk_fwd_state_kernel(U, W, QG, KD, G, P, o, vn, h, h0, ht, cu_seqlens, chu
         b_qg = tl.load(QG + off, mask=m, other=0.0)
         b_kd = tl.load(KD + off, mask=m, other=0.0)
         b_U = tl.load(U + offv, mask=mv, other=0.0).to(tl.float32)
-        b_P = tl.load(P + offc, mask=valid[:, None], other=0.0)
+        # only the lower triangle of P is written
+        b_P = tl.load(P + offc, mask=valid[:, None] & (rows[:, None] >= cols[None, :]), other=0.0)
         b_vn = b_U - _mm(b_W, b_S, OP_BF16, DOT_PREC)
         b_o = _mm(b_qg, b_S, OP_BF16, DOT_PREC) + _mm(b_P, b_vn, OP_BF16, DOT_PREC)
         tl.store(o + offv, (b_o * scale).to(o.dtype.element_ty), mask=mv)
@@ -285,12 +310,15 @@ def chunk_fwd(q, k, v, g, scale, initial_state, output_final_state, meta, save):
     chunk_cumsum_kernel[(NT, H)](g, G, ci, cu, H=H, K=K, BT=BT, BK=BK, G_SCALAR=g.dim() == 2,
                                  num_warps=4, num_stages=1)
     Tm = torch.empty(NTOK, H, BT, device=dev, dtype=torch.float32)
-    P = torch.empty_like(Tm)
+    P, A = torch.empty_like(Tm), torch.empty_like(Tm)
+    BC = min(16, BT)
+    launch(chunk_intra_kernel, lambda o: (NT, H, BT // BC), (q, k, G, A, P, ci, cu),
+           dict(H=H, K=K, BT=BT, BC=BC, DOT_PREC=pr["DOT_PREC"]), intra_options(BK, K))
     W = torch.empty(NTOK, H, K, device=dev, dtype=q.dtype)
     QG, KD = torch.empty_like(W), torch.empty_like(W)
     U = torch.empty(NTOK, H, V, device=dev, dtype=q.dtype)
-    launch(chunk_prep_kernel, lambda o: (NT, H), (q, k, v, G, Tm, P, W, U, QG, KD, ci, cu),
-           dict(H=H, K=K, V=V, BT=BT, BC=min(16, BT), DOT_PREC=pr["DOT_PREC"], INV_PREC=pr["INV_PREC"]),
+    launch(chunk_prep_kernel, lambda o: (NT, H), (k, v, G, A, Tm, W, U, QG, KD, q, ci, cu),
+           dict(H=H, K=K, V=V, BT=BT, BC=BC, DOT_PREC=pr["DOT_PREC"], INV_PREC=pr["INV_PREC"]),
            [dict(**kb, BV=min(32, max(16, triton.next_power_of_2(V)))) for kb in kblock_options(BK, K)])
     o = torch.empty(NTOK, H, V, device=dev, dtype=q.dtype)
     vn = torch.empty(NTOK, H, V, device=dev, dtype=torch.float32) if save else o
@@ -321,6 +349,13 @@ def vtile_options(V):
     top = min(32, max(16, triton.next_power_of_2(V)))
     return [dict(BV=bv, num_warps=w, num_stages=st) for st in _stages()
             for bv in sorted({top, 16}, reverse=True) for w in (8, 4)]
+
+
+def intra_options(BK, K):
+    """(BKS, NK, num_warps, num_stages) for the small per-sub-chunk kernel."""
+    top = min(64, BK)
+    return [dict(BKS=b, NK=triton.cdiv(K, b), num_warps=w, num_stages=st) for st in _stages()
+            for b in sorted({top, 16}, reverse=True) for w in (4, 2)]
 
 
 def kblock_options(BK, K):
