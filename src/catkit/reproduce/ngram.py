@@ -17,18 +17,20 @@ N-gram projections count (one d x d GEMM per token), table rows read do not (lik
 embedding). The N-gram embedding uses ``amplify = sqrt(1 + n_tables)`` (the paper's remedy for
 the averaged embedding's small scale) and ``eos_id`` so n-grams do not cross documents.
 
-Full run: one GPU, bf16 autocast, the fused Triton lookup, a few minutes in all. ``quick``: a
+Full run: one GPU, bf16 autocast, the fused Triton lookup; a short calibration of every config first fits
+steps and seeds into a 7-minute training budget (two seeds, else one, else fewer steps). ``quick``: a
 CPU-sized pass of the same pipeline (plain PyTorch lookup) for the tests; its numbers say little.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -64,10 +66,11 @@ class StudyConfig:
     val_bytes: int = 400_000
     eval_batches: int = 16
     seeds: tuple = (0, 1)
-    time_budget_s: float | None = 420.0  # if the first run says all seeds would not fit, keep one seed
+    time_budget_s: float | None = 420.0  # training wall budget: drop to one seed, then fewer steps (see plan)
+    min_steps: int = 200
+    calibration_steps: int = 8
     device: str | None = None  # None = CUDA if available
     use_kernel: bool | None = None  # None = fused Triton lookup where it runs (False on CPU)
-    extra: dict = field(default_factory=dict)
 
 
 def full_config() -> StudyConfig:
@@ -131,45 +134,68 @@ def study_configs(sc: StudyConfig, device) -> list[dict]:
 
 
 # -------------------------------------------------------------------------------------- training
-def _train_one(sc: StudyConfig, cfg: ModelConfig, seed: int, train: PackedDataset, val: PackedDataset, device) -> dict:
+def _train_one(sc: StudyConfig, cfg: ModelConfig, seed: int, train: PackedDataset, val: PackedDataset | None,
+               device, steps: int) -> dict:
+    """Train ``steps`` steps (same batches for every config of a seed); evaluate when ``val`` is given."""
     torch.manual_seed(seed)
     model = CatModel(cfg).to(device)
-    tc = TrainConfig(steps=sc.steps, batch_size=sc.batch_size, seq_len=sc.seq_len, lr=sc.lr, warmup_steps=sc.warmup)
+    tc = TrainConfig(steps=steps, batch_size=sc.batch_size, seq_len=sc.seq_len, lr=sc.lr,
+                     warmup_steps=min(sc.warmup, steps))
     opt = make_optimizer(model, tc)
-    amp = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else None
+    amp = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
     t0 = time.perf_counter()
     losses = []
-    for step in range(sc.steps):
+    for step in range(steps):
         for group in opt.param_groups:
             group["lr"] = lr_at(step, tc)
         x, y = train.sample(sc.batch_size, torch.Generator().manual_seed(seed * 1_000_003 + step), device=device)
         model.train()
-        if amp is not None:
-            with amp:
-                loss, _ = model.loss(x, y)
-        else:
+        with amp:
             loss, _ = model.loss(x, y)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
-        if step % 50 == 0 or step == sc.steps - 1:
+        if step % 50 == 0 or step == steps - 1:
             losses.append((step, loss.item()))
     if device.type == "cuda":
         torch.cuda.synchronize()
     seconds = time.perf_counter() - t0
-    model.eval()
-    vals = []
-    with torch.no_grad():
-        for x, y in val.iter_eval(sc.batch_size, sc.eval_batches, device=device):
-            if amp is not None:
-                with amp:
-                    _, parts = model.loss(x, y)
-            else:
-                _, parts = model.loss(x, y)
-            vals.append(float(parts["lm_loss"]))
-    return {"val_loss": sum(vals) / len(vals), "train_curve": losses, "seconds": seconds,
-            "tokens_per_s": sc.steps * sc.batch_size * sc.seq_len / seconds, **param_counts(model)}
+    out = {"train_curve": losses, "seconds": seconds, "tokens_per_s": steps * sc.batch_size * sc.seq_len / seconds,
+           **param_counts(model)}
+    if val is not None:
+        model.eval()
+        vals = []
+        with torch.no_grad(), amp:
+            for x, y in val.iter_eval(sc.batch_size, sc.eval_batches, device=device):
+                vals.append(float(model.loss(x, y)[1]["lm_loss"]))
+        out["val_loss"] = sum(vals) / len(vals)
+    return out
+
+
+def plan(sc: StudyConfig, specs: list[dict], train: PackedDataset, device) -> tuple[int, list, dict]:
+    """Steps and seeds that fit ``time_budget_s``: time a few steps of every config first.
+
+    Two seeds at the configured steps if they fit, else one seed, else fewer steps (at least
+    ``min_steps``); every config always gets the same steps and seeds.
+    """
+    seeds = list(sc.seeds)
+    if not sc.time_budget_s:
+        return sc.steps, seeds, {}
+    per_step = {}
+    for spec in specs:
+        _train_one(sc, spec["cfg"], 0, train, None, device, 2)  # warm-up: kernels, autotuning, allocator
+        r = _train_one(sc, spec["cfg"], 0, train, None, device, sc.calibration_steps)
+        per_step[spec["label"]] = r["seconds"] / sc.calibration_steps
+    step_s = sum(per_step.values()) * 1.25  # one step of every config, plus evaluation and setup
+    steps = sc.steps
+    if step_s * steps * len(seeds) > sc.time_budget_s:
+        seeds = seeds[:1]
+    if step_s * steps * len(seeds) > sc.time_budget_s:
+        steps = max(sc.min_steps, int(sc.time_budget_s / (step_s * len(seeds))))
+    print(f"[ngram] calibration: {step_s * 1e3:.0f} ms per step of all configs -> {steps} steps x {len(seeds)} seed(s)",
+          flush=True)
+    return steps, seeds, per_step
 
 
 # -------------------------------------------------------------------------------------- outputs
@@ -229,7 +255,7 @@ def _verdict(points: list[dict]) -> tuple[list[dict], str]:
 def _report(summary: dict, path: str) -> None:
     sc = summary["config"]
     lines = ["# Embedding scaling vs expert scaling (hashed N-gram embeddings)", "",
-             f"Device: {summary['device']}. {sc['steps']} steps x {sc['batch_size']} x {sc['seq_len']} bytes, "
+             f"Device: {summary['device']}. {summary['steps_used']} steps x {sc['batch_size']} x {sc['seq_len']} bytes, "
              f"d_model={sc['d_model']}, layers={len(sc['pattern'])}, top-{sc['top_k']} of E experts "
              f"(hidden {sc['expert_hidden']}), N-gram N={sc['max_n']}, K={sc['n_splits']}; seeds {summary['seeds_used']}. "
              f"Validation: {sc['eval_batches']} batches of held-out files.", "",
@@ -273,17 +299,11 @@ def run_study(sc: StudyConfig, out_dir: str, *, quick: bool = False) -> dict:
     t_start = time.perf_counter()
     train = PackedDataset(load_corpus("train", max_bytes=sc.corpus_bytes), sc.seq_len)
     val = PackedDataset(load_corpus("val", max_bytes=sc.val_bytes), sc.seq_len)
-    points = []
     specs = study_configs(sc, device)
-    seeds = list(sc.seeds)
+    steps, seeds, per_step = plan(sc, specs, train, device)
+    points = []
     for spec in specs:
-        runs = [_train_one(sc, spec["cfg"], seeds[0], train, val, device)]
-        if not points and sc.time_budget_s and len(seeds) > 1:
-            projected = runs[0]["seconds"] * 1.15 * len(specs) * len(seeds)
-            if projected > sc.time_budget_s:
-                print(f"[ngram] {len(seeds)} seeds would take ~{projected:.0f} s > {sc.time_budget_s:.0f} s: one seed")
-                seeds = seeds[:1]
-        runs += [_train_one(sc, spec["cfg"], seed, train, val, device) for seed in seeds[1:]]
+        runs = [_train_one(sc, spec["cfg"], seed, train, val, device, steps) for seed in seeds]
         losses = [r["val_loss"] for r in runs]
         point = {"curve": spec["curve"], "label": spec["label"], "val_loss": sum(losses) / len(losses),
                  "val_losses": losses, "seed_spread": max(losses) - min(losses),
@@ -298,7 +318,8 @@ def run_study(sc: StudyConfig, out_dir: str, *, quick: bool = False) -> dict:
     summary = {"claim": "N-gram embedding tables give a better loss/total-parameter frontier than more experts "
                         "at equal activated parameters",
                "device": str(device) if device.type != "cuda" else torch.cuda.get_device_name(),
-               "quick": quick, "config": dataclasses.asdict(sc), "seeds_used": seeds,
+               "quick": quick, "config": dataclasses.asdict(sc), "seeds_used": seeds, "steps_used": steps,
+               "calibration_s_per_step": per_step,
                "seconds": time.perf_counter() - t_start, "points": points, "pairs": pairs, "verdict": verdict,
                "plot": _plot(points, os.path.join(out_dir, "ngram_pareto.png"))}
     _report(summary, os.path.join(out_dir, "report.md"))
