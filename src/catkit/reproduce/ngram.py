@@ -18,7 +18,7 @@ embedding). The N-gram embedding uses ``amplify = sqrt(1 + n_tables)`` (the pape
 the averaged embedding's small scale) and ``eos_id`` so n-grams do not cross documents.
 
 Full run: one GPU, bf16 autocast, the fused Triton lookup; a short calibration of every config first fits
-steps and seeds into a 7-minute training budget (two seeds, else one, else fewer steps). ``quick``: a
+steps and seeds into a 6-minute training budget (two seeds, else one, else fewer steps). ``quick``: a
 CPU-sized pass of the same pipeline (plain PyTorch lookup) for the tests; its numbers say little.
 """
 
@@ -66,7 +66,7 @@ class StudyConfig:
     val_bytes: int = 400_000
     eval_batches: int = 16
     seeds: tuple = (0, 1)
-    time_budget_s: float | None = 420.0  # training wall budget: drop to one seed, then fewer steps (see plan)
+    time_budget_s: float | None = 360.0  # training wall budget: drop to one seed, then fewer steps (see plan)
     min_steps: int = 200
     calibration_steps: int = 8
     device: str | None = None  # None = CUDA if available
