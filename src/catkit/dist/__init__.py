@@ -4,6 +4,7 @@ from catkit.dist.flash_all_reduce import (
     FALLBACK_BYTES,
     CommConfig,
     all_reduce,
+    clear_plan_cache,
     exact_all_reduce,
     flash_all_reduce,
 )
@@ -11,6 +12,6 @@ from catkit.dist.launch import free_port, run_local
 from catkit.dist.tensor_parallel import ColumnParallelLinear, RowParallelLinear
 
 __all__ = [
-    "FALLBACK_BYTES", "ColumnParallelLinear", "CommConfig", "RowParallelLinear", "all_reduce",
+    "FALLBACK_BYTES", "ColumnParallelLinear", "CommConfig", "RowParallelLinear", "all_reduce", "clear_plan_cache",
     "exact_all_reduce", "flash_all_reduce", "free_port", "run_local",
 ]

@@ -22,12 +22,15 @@ for fp16/bf16 outputs, the final rounding to the output dtype.
 
 from __future__ import annotations
 
+import functools
+from collections import OrderedDict
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 
-from catkit.ops.quant.groupwise import dequantize_fwd, quantize_fwd, reduce_requantize_fwd
+from catkit.ops.quant.groupwise import (dequantize_launcher, new_qtensor, quantize_launcher,
+                                        reduce_requantize_launcher)
 from catkit.ops.quant.layout import QTensor, QuantLayout, check_quant_args, row_length
 from catkit.utils.device import check_tensor
 
@@ -73,11 +76,94 @@ def _backend_key(group, x: torch.Tensor) -> str:
     return "gloo" if "gloo" in backend else backend
 
 
-def _all_gather(out: torch.Tensor, inp: torch.Tensor, group) -> None:
-    # torch >= 2.13 names it all_gather_single (all_gather_into_tensor is deprecated there);
-    # the GPU machine's torch 2.11 has only all_gather_into_tensor.
-    fn = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
-    fn(out, inp, group=group)
+# torch >= 2.13 names it all_gather_single (all_gather_into_tensor is deprecated there); the GPU
+# machine's torch 2.11 has only all_gather_into_tensor. Resolved once, not per call.
+_ALL_GATHER = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+
+
+class _Plan:
+    """Everything one message shape needs, built once and reused by every later call.
+
+    The first GPU run paid a fixed ~0.5 ms per call at every size from 64 KB to 64 MB; per call,
+    the old path rebuilt two layouts, allocated four buffers (two of them the full quantized
+    message), recomputed every launch argument and looked up the backend. A plan holds the
+    persistent ``send`` / ``recv`` / ``mine`` / ``gathered`` buffers and the five launches with
+    all their arguments bound, so a call is five launches and nothing else on the host.
+
+    Reusing the buffers is safe for calls issued on one stream: each collective makes the
+    calling stream wait for it (``async_op=False``), so call k+1's quantize cannot overwrite
+    ``send`` before call k's all-to-all has read it, and NCCL's stream waits for the calling
+    stream before call k+1's all-to-all writes ``recv``. Plans are keyed by the CUDA stream too,
+    so two streams never share buffers.
+    """
+
+    def __init__(self, group, numel: int, dtype: torch.dtype, device: torch.device, bits: int, gather_bits: int,
+                 group_size: int, spike_reserve: bool, meta_dtype: torch.dtype):
+        self.group = group
+        self.world, self.rank = dist.get_world_size(group), dist.get_rank(group)
+        self.numel, self.dtype, self.device = numel, dtype, device
+        self.backend = None  # filled by the caller (needs a tensor on the device)
+        if self.world == 1:
+            return
+        W, N = self.world, numel
+        c = row_length(N, W, group_size)
+        self.l1 = QuantLayout(c, bits, group_size, spike_reserve, meta_dtype)
+        self.l2 = QuantLayout(c, gather_bits, group_size, spike_reserve, meta_dtype)
+        self.send = new_qtensor(W, self.l1, device, N)
+        self.recv = torch.empty(W, self.l1.row_bytes, dtype=torch.uint8, device=device)
+        # rank r owns flattened values [r*c, (r+1)*c); the tail past N is padding (absent)
+        n_mine = min(max(N - self.rank * c, 0), c)
+        self.mine = new_qtensor(1, self.l2, device, n_mine)
+        # flat: gloo's all-gather wants 1-D output and input
+        self.gathered = torch.empty(W * self.l2.row_bytes, dtype=torch.uint8, device=device)
+        self.quantize = quantize_launcher(self.l1, W, N, self.send)
+        self.reduce = reduce_requantize_launcher(QTensor(self.recv, self.l1, W * c), self.l2, n_mine, self.mine)
+        self.decode = dequantize_launcher(QTensor(self.gathered.view(W, self.l2.row_bytes), self.l2, N))
+        self.a2a = functools.partial(dist.all_to_all_single, self.recv, self.send.data, group=group)
+        self.gather = functools.partial(_ALL_GATHER, self.gathered, self.mine.data.view(-1), group=group)
+
+    def run(self, x: torch.Tensor, out: torch.Tensor) -> None:
+        """x, out: contiguous, ``numel`` values; ``out`` may be ``x`` (x is last read by quantize)."""
+        self.quantize(x)
+        self.a2a()
+        self.reduce()
+        self.gather()
+        self.decode(out)
+
+    def stages(self, x: torch.Tensor) -> dict:
+        """The five steps as separate callables (the benchmark times each one alone)."""
+        return {"quantize": lambda: self.quantize(x), "all_to_all": self.a2a, "reduce_requantize": self.reduce,
+                "all_gather": self.gather, "dequantize": lambda: self.decode(x)}
+
+
+_PLANS: OrderedDict = OrderedDict()
+MAX_PLANS = 16  # least recently used plans (and their buffers) are dropped beyond this
+
+
+def clear_plan_cache() -> None:
+    """Drop every cached plan and its persistent buffers (e.g. before ``torch.cuda.empty_cache``)."""
+    _PLANS.clear()
+
+
+def get_plan(x: torch.Tensor, group, bits: int, gather_bits: int, group_size: int, spike_reserve: bool,
+             meta_dtype: torch.dtype) -> _Plan:
+    """The cached plan for ``x``'s size, dtype, device (and CUDA stream) and these settings."""
+    pg = group if group is not None else dist.group.WORLD  # a re-initialized world is a new object
+    stream = torch.cuda.current_stream(x.device).stream_id if x.is_cuda else 0
+    key = (pg, x.numel(), x.dtype, x.device, bits, gather_bits, group_size, spike_reserve, meta_dtype, stream)
+    plan = _PLANS.get(key)
+    if plan is not None:
+        _PLANS.move_to_end(key)
+        return plan
+    backend = _backend_key(group, x)
+    if backend == "nccl" and not x.is_cuda:
+        raise ValueError(f"x: an NCCL group needs a CUDA tensor, got one on {x.device}")
+    plan = _Plan(group, x.numel(), x.dtype, x.device, bits, gather_bits, group_size, spike_reserve, meta_dtype)
+    plan.backend = backend
+    _PLANS[key] = plan
+    while len(_PLANS) > MAX_PLANS:
+        _PLANS.popitem(last=False)
+    return plan
 
 
 def flash_all_reduce_fwd(x: torch.Tensor, group, bits: int, gather_bits: int, group_size: int,
@@ -86,24 +172,10 @@ def flash_all_reduce_fwd(x: torch.Tensor, group, bits: int, gather_bits: int, gr
 
     ``out`` (contiguous, x's numel and dtype) may be ``x`` itself: ``x`` is last read by the
     quantize kernel, which runs before the final decode on the same stream."""
-    world, rank = dist.get_world_size(group), dist.get_rank(group)
-    N = x.numel()
-    c = row_length(N, world, group_size)
-    l1 = QuantLayout(c, bits, group_size, spike_reserve, meta_dtype)
-    l2 = QuantLayout(c, gather_bits, group_size, spike_reserve, meta_dtype)
-    send = quantize_fwd(x.reshape(-1), l1, world, N)
-    recv = torch.empty_like(send.data)
-    dist.all_to_all_single(recv, send.data, group=group)
-    # rank r owns flattened values [r*c, (r+1)*c); the tail past N is padding (absent)
-    n_mine = min(max(N - rank * c, 0), c)
-    mine = reduce_requantize_fwd(QTensor(recv, l1, world * c), l2, n_mine)
-    # flat buffers: gloo's all-gather wants 1-D output and input
-    gathered = torch.empty(world * l2.row_bytes, dtype=torch.uint8, device=x.device)
-    _all_gather(gathered, mine.data.view(-1), group)
-    gathered = gathered.view(world, l2.row_bytes)
+    plan = get_plan(x, group, bits, gather_bits, group_size, spike_reserve, meta_dtype)
     if out is None:
-        out = torch.empty(N, dtype=x.dtype, device=x.device)
-    dequantize_fwd(QTensor(gathered, l2, N), out=out.view(-1))
+        out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    plan.run(x, out)
     return out.view(x.shape)
 
 
@@ -194,24 +266,31 @@ def flash_all_reduce(
         raise ValueError("x: inplace=True needs a contiguous tensor")
     if inplace and x.requires_grad and torch.is_grad_enabled():
         raise ValueError("x: inplace=True cannot be used on a tensor that requires grad")
-    world = dist.get_world_size(group)
-    if world == 1 or x.numel() == 0:
+    if x.numel() == 0:
         return x if inplace else x.clone()
-    key = _backend_key(group, x)
-    if key == "nccl" and not x.is_cuda:
-        raise ValueError(f"x: an NCCL group needs a CUDA tensor, got one on {x.device}")
-    threshold = FALLBACK_BYTES.get(key, 0) if min_bytes is None else min_bytes
+    plan = get_plan(x, group, bits, gather_bits, group_size, spike_reserve, meta_dtype)
+    if plan.world == 1:
+        return x if inplace else x.clone()
+    threshold = FALLBACK_BYTES.get(plan.backend, 0) if min_bytes is None else min_bytes
     small = x.numel() * x.element_size() < threshold
     if inplace:  # no autograd here: the fewest host steps for latency-bound sizes
         if small:
             dist.all_reduce(x, group=group)
-            return x
-        flash_all_reduce_fwd(x, group, bits, gather_bits, group_size, spike_reserve, meta_dtype, out=x)
+        else:
+            plan.run(x, x)
         return x
-    if small:
-        return _ExactAllReduceFn.apply(x.contiguous(), group)
-    return _FlashAllReduceFn.apply(x.contiguous(), group, bits, gather_bits, group_size, spike_reserve,
-                                   meta_dtype)
+    x = x.contiguous()
+    if x.requires_grad and torch.is_grad_enabled():
+        if small:
+            return _ExactAllReduceFn.apply(x, group)
+        return _FlashAllReduceFn.apply(x, group, bits, gather_bits, group_size, spike_reserve, meta_dtype)
+    if small:  # no graph to record: skip the autograd.Function's own host cost
+        y = x.clone()
+        dist.all_reduce(y, group=group)
+        return y
+    out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    plan.run(x, out)
+    return out
 
 
 def all_reduce(x: torch.Tensor, group=None, config: CommConfig | None = None) -> torch.Tensor:

@@ -220,6 +220,63 @@ def new_qtensor(rows: int, layout: QuantLayout, device, numel: int) -> QTensor:
     return QTensor(torch.empty(rows, layout.row_bytes, dtype=torch.uint8, device=device), layout, numel)
 
 
+def quantize_launcher(layout: QuantLayout, rows: int, n_valid: int, out: QTensor):
+    """``f(x)``: quantize the first ``n_valid`` values of contiguous ``x`` into ``out``.
+
+    Grid, views, offsets and constexprs are computed here once, so a caller that quantizes many
+    same-sized messages into one persistent buffer (the all-reduce) pays only the launch per call.
+    """
+    if not kernel_device_ok(out.data):
+        def naive_path(x):
+            out.data.copy_(naive.quantize(x, layout.bits, layout.group_size, rows=rows, n_valid=n_valid,
+                                          spike_reserve=layout.spike_reserve, meta_dtype=layout.meta_dtype).data)
+        return naive_path
+    n_groups = rows * layout.groups
+    gb = _groups_per_program(layout.group_size, n_groups)
+    ptrs, args = _layout_args(out)
+    kernel = _quant_kernel[(triton.cdiv(n_groups, gb),)]
+    tail = (*ptrs, n_valid, n_groups, layout.groups, *args)
+    meta = dict(G=layout.group_size, GB=gb, BITS=layout.bits, SPIKE=layout.spike_reserve, num_warps=4)
+    return lambda x: kernel(x.reshape(-1), *tail, **meta)
+
+
+def dequantize_launcher(q: QTensor, *, reduce_rows: bool = False):
+    """``f(out)``: decode ``q`` into the flat ``out`` (``[q.numel]``, or ``[n]`` fp32 row sums)."""
+    L = q.layout
+    n_out = L.n if reduce_rows else q.numel
+    if not kernel_device_ok(q.data):
+        return lambda out: out.view(-1).copy_(naive.dequantize(q, reduce_rows=reduce_rows))
+    n_groups = L.groups if reduce_rows else q.rows * L.groups
+    gb = _groups_per_program(L.group_size, n_groups)
+    ptrs, args = _layout_args(q)
+    kernel = _dequant_kernel[(triton.cdiv(n_groups, gb),)]
+    tail = (n_out, n_groups, L.groups, q.rows, *args)
+    meta = dict(G=L.group_size, GB=gb, BITS=L.bits, SPIKE=L.spike_reserve, REDUCE=reduce_rows, num_warps=4)
+    return lambda out: kernel(*ptrs, out.view(-1), *tail, **meta)
+
+
+def reduce_requantize_launcher(q: QTensor, out_layout: QuantLayout, n_valid: int, out: QTensor):
+    """``f()``: sum the rows of ``q`` in fp32 and quantize the first ``n_valid`` sums into ``out``."""
+    L = q.layout
+    if out_layout.n != L.n or out_layout.group_size != L.group_size:
+        raise ValueError("out_layout: must have the same row length and group size as q.layout")
+    if not kernel_device_ok(q.data, out.data):
+        def naive_path():
+            s = naive.dequantize(q, reduce_rows=True)
+            out.data.copy_(naive.quantize(s, out_layout.bits, out_layout.group_size, rows=1, n_valid=n_valid,
+                                          spike_reserve=out_layout.spike_reserve,
+                                          meta_dtype=out_layout.meta_dtype).data)
+        return naive_path
+    gb = _groups_per_program(L.group_size, L.groups)
+    ptrs, args = _layout_args(q)
+    optrs, oargs = _layout_args(out)
+    kernel = _reduce_requant_kernel[(triton.cdiv(L.groups, gb),)]
+    all_args = (*ptrs, q.rows, L.groups, *args, *optrs, n_valid, *oargs)
+    meta = dict(G=L.group_size, GB=gb, BITS=L.bits, SPIKE=L.spike_reserve,
+                OBITS=out_layout.bits, OSPIKE=out_layout.spike_reserve, num_warps=4)
+    return lambda: kernel(*all_args, **meta)
+
+
 def quantize_fwd(x: torch.Tensor, layout: QuantLayout, rows: int, n_valid: int, out: QTensor | None = None) -> QTensor:
     """Quantize the first ``n_valid`` values of contiguous ``x`` into ``rows`` rows of ``layout``."""
     if out is None:
@@ -229,52 +286,28 @@ def quantize_fwd(x: torch.Tensor, layout: QuantLayout, rows: int, n_valid: int, 
                              spike_reserve=layout.spike_reserve, meta_dtype=layout.meta_dtype)
         out.data.copy_(ref.data)
         return out
-    n_groups = rows * layout.groups
-    gb = _groups_per_program(layout.group_size, n_groups)
-    ptrs, args = _layout_args(out)
-    _quant_kernel[(triton.cdiv(n_groups, gb),)](
-        x.reshape(-1), *ptrs, n_valid, n_groups, layout.groups, *args,
-        G=layout.group_size, GB=gb, BITS=layout.bits, SPIKE=layout.spike_reserve, num_warps=4)
+    quantize_launcher(layout, rows, n_valid, out)(x)
     return out
 
 
 def dequantize_fwd(q: QTensor, *, reduce_rows: bool = False, out: torch.Tensor | None = None,
                    out_dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """Decode ``q`` into ``out`` (flat ``[numel]``) or, with ``reduce_rows``, its fp32 row sum ``[n]``."""
-    L = q.layout
-    n_out = L.n if reduce_rows else q.numel
+    n_out = q.layout.n if reduce_rows else q.numel
     if out is None:
         out = torch.empty(n_out, dtype=torch.float32 if reduce_rows else out_dtype, device=q.data.device)
     if not kernel_device_ok(q.data, out):
         out.view(-1).copy_(naive.dequantize(q, reduce_rows=reduce_rows))
         return out
-    n_groups = L.groups if reduce_rows else q.rows * L.groups
-    gb = _groups_per_program(L.group_size, n_groups)
-    ptrs, args = _layout_args(q)
-    _dequant_kernel[(triton.cdiv(n_groups, gb),)](
-        *ptrs, out.view(-1), n_out, n_groups, L.groups, q.rows, *args,
-        G=L.group_size, GB=gb, BITS=L.bits, SPIKE=L.spike_reserve, REDUCE=reduce_rows, num_warps=4)
+    dequantize_launcher(q, reduce_rows=reduce_rows)(out)
     return out
 
 
 def reduce_requantize_fwd(q: QTensor, out_layout: QuantLayout, n_valid: int, out: QTensor | None = None) -> QTensor:
     """Sum the rows of ``q`` in fp32 and quantize the first ``n_valid`` sums as one row of ``out_layout``."""
-    L = q.layout
-    if out_layout.n != L.n or out_layout.group_size != L.group_size:
-        raise ValueError("out_layout: must have the same row length and group size as q.layout")
     if out is None:
         out = new_qtensor(1, out_layout, q.data.device, n_valid)
-    if not kernel_device_ok(q.data, out.data):
-        s = naive.dequantize(q, reduce_rows=True)
-        out.data.copy_(quantize_fwd(s, out_layout, 1, n_valid).data)
-        return out
-    gb = _groups_per_program(L.group_size, L.groups)
-    ptrs, args = _layout_args(q)
-    optrs, oargs = _layout_args(out)
-    _reduce_requant_kernel[(triton.cdiv(L.groups, gb),)](
-        *ptrs, q.rows, L.groups, *args, *optrs, n_valid, *oargs,
-        G=L.group_size, GB=gb, BITS=L.bits, SPIKE=L.spike_reserve,
-        OBITS=out_layout.bits, OSPIKE=out_layout.spike_reserve, num_warps=4)
+    reduce_requantize_launcher(q, out_layout, n_valid, out)()
     return out
 
 

@@ -16,6 +16,7 @@ int4 codes are packed two per byte: element ``2i`` in the low nibble, ``2i + 1``
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 
@@ -38,7 +39,11 @@ def check_quant_args(bits: int, group_size: int, meta_dtype: torch.dtype, *, nam
 
 @dataclass(frozen=True)
 class QuantLayout:
-    """Where each field of one row lives, in bytes from the start of the row."""
+    """Where each field of one row lives, in bytes from the start of the row.
+
+    Offsets are cached on first use (``cached_property`` writes the instance ``__dict__``, which a
+    frozen dataclass allows): the all-reduce reads them on every call.
+    """
 
     n: int  # values per row, a multiple of group_size
     bits: int
@@ -51,43 +56,43 @@ class QuantLayout:
         if self.n <= 0 or self.n % self.group_size:
             raise ValueError(f"n: expected a positive multiple of group_size={self.group_size}, got {self.n}")
 
-    @property
+    @cached_property
     def groups(self) -> int:
         return self.n // self.group_size
 
-    @property
+    @cached_property
     def code_bytes_per_group(self) -> int:
         return self.group_size * self.bits // 8
 
-    @property
+    @cached_property
     def meta_size(self) -> int:
         return self.meta_dtype.itemsize
 
-    @property
+    @cached_property
     def scale_off(self) -> int:
         return self.groups * self.code_bytes_per_group
 
-    @property
+    @cached_property
     def min_off(self) -> int:
         return self.scale_off + self.groups * self.meta_size
 
-    @property
+    @cached_property
     def lo_off(self) -> int:
         return self.min_off + self.groups * self.meta_size
 
-    @property
+    @cached_property
     def hi_off(self) -> int:
         return self.lo_off + self.groups * self.meta_size
 
-    @property
+    @cached_property
     def idx_lo_off(self) -> int:
         return self.hi_off + self.groups * self.meta_size
 
-    @property
+    @cached_property
     def idx_hi_off(self) -> int:
         return self.idx_lo_off + self.groups * 2
 
-    @property
+    @cached_property
     def row_bytes(self) -> int:
         end = self.idx_hi_off + self.groups * 2 if self.spike_reserve else self.lo_off
         return -(-end // _ALIGN) * _ALIGN
