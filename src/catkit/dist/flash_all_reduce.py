@@ -76,6 +76,21 @@ def _backend_key(group, x: torch.Tensor) -> str:
     return "gloo" if "gloo" in backend else backend
 
 
+_GROUPS: dict = {}
+
+
+def _group_info(group, x: torch.Tensor) -> tuple[int, str]:
+    """(world size, backend key) of ``group`` for ``x``'s device, looked up once per group."""
+    pg = group if group is not None else dist.group.WORLD
+    key = (pg, x.is_cuda)
+    info = _GROUPS.get(key)
+    if info is None:
+        info = _GROUPS[key] = (dist.get_world_size(group), _backend_key(group, x))
+    if info[1] == "nccl" and not x.is_cuda:
+        raise ValueError(f"x: an NCCL group needs a CUDA tensor, got one on {x.device}")
+    return info
+
+
 # torch >= 2.13 names it all_gather_single (all_gather_into_tensor is deprecated there); the GPU
 # machine's torch 2.11 has only all_gather_into_tensor. Resolved once, not per call.
 _ALL_GATHER = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
@@ -155,9 +170,7 @@ def get_plan(x: torch.Tensor, group, bits: int, gather_bits: int, group_size: in
     if plan is not None:
         _PLANS.move_to_end(key)
         return plan
-    backend = _backend_key(group, x)
-    if backend == "nccl" and not x.is_cuda:
-        raise ValueError(f"x: an NCCL group needs a CUDA tensor, got one on {x.device}")
+    _, backend = _group_info(group, x)
     plan = _Plan(group, x.numel(), x.dtype, x.device, bits, gather_bits, group_size, spike_reserve, meta_dtype)
     plan.backend = backend
     _PLANS[key] = plan
@@ -266,13 +279,13 @@ def flash_all_reduce(
         raise ValueError("x: inplace=True needs a contiguous tensor")
     if inplace and x.requires_grad and torch.is_grad_enabled():
         raise ValueError("x: inplace=True cannot be used on a tensor that requires grad")
-    if x.numel() == 0:
+    world, backend = _group_info(group, x)
+    if world == 1 or x.numel() == 0:
         return x if inplace else x.clone()
-    plan = get_plan(x, group, bits, gather_bits, group_size, spike_reserve, meta_dtype)
-    if plan.world == 1:
-        return x if inplace else x.clone()
-    threshold = FALLBACK_BYTES.get(plan.backend, 0) if min_bytes is None else min_bytes
+    threshold = FALLBACK_BYTES.get(backend, 0) if min_bytes is None else min_bytes
     small = x.numel() * x.element_size() < threshold
+    # below the threshold nothing but dist.all_reduce runs: the fallback must cost what NCCL costs
+    plan = None if small else get_plan(x, group, bits, gather_bits, group_size, spike_reserve, meta_dtype)
     if inplace:  # no autograd here: the fewest host steps for latency-bound sizes
         if small:
             dist.all_reduce(x, group=group)
