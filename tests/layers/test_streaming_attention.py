@@ -236,3 +236,38 @@ def test_bad_input():
     wrong = StreamingKVCache(1, 8, 2, 16, "cpu", torch.float32, sink_blocks=2, recent_blocks=2, block_size=16)
     with pytest.raises(ValueError, match="cache"):
         att(torch.randn(1, 4, 64), rope=rope_for(1, 4, 16), cache=wrong)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("head_dim", [64, 128])
+def test_gpu_bf16_streaming_layer_lo_za_pattern(seed, head_dim):
+    """LoZA's pattern (1 sink + 8 recent blocks of 128) in bf16 on the GPU: kernels vs an fp32 reference,
+    forward and gradients, then prefill + paged decode through the ring buffer vs one full pass."""
+    dm, t = 4 * head_dim, 2500
+    att = Attention(dm, 4, 2, head_dim, mode="streaming", streaming=StreamingSpec()).cuda()
+    x = torch.randn(2, t, dm, device="cuda", requires_grad=True)
+    pos = torch.arange(t, device="cuda").expand(2, t)
+    rope = rope_cos_sin(pos, head_dim, 10000.0)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        out = att(x, rope=rope)
+    from catkit.layers.rope import apply_rope
+
+    q, k, v = att.qkv(x).view(2, t, -1, head_dim).split([4, 2, 2], 2)
+    q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+    ref = att.out(naive_streaming_attention(q, k, v, sink_blocks=1, recent_blocks=8, block_size=128).reshape(2, t, -1))
+    assert_close(out.float(), ref, 2e-2, "bf16 output")
+    g = torch.randn_like(ref)
+    got = torch.autograd.grad(out.float(), [x, att.qkv.weight], g)
+    want = torch.autograd.grad(ref, [x, att.qkv.weight], g)
+    for name, a, e in zip(["dx", "dW_qkv"], got, want):
+        assert_close(a.float(), e, 3e-2, name)
+    att = att.to(torch.bfloat16)
+    xb = x.detach().to(torch.bfloat16)
+    with torch.no_grad():
+        full = att(xb, rope=rope)
+        cache = att.new_cache(2, t, "cuda", torch.bfloat16)
+        assert cache.capacity == 9 * 128
+        parts = [att(xb[:, :2300], rope=tuple(r[:, :2300] for r in rope), cache=cache)]
+        for i in range(2300, t):
+            parts.append(att(xb[:, i:i + 1], rope=tuple(r[:, i:i + 1] for r in rope), cache=cache))
+    assert_close(torch.cat(parts, 1).float(), full.float(), 2e-2, "bf16 decode vs prefill")

@@ -4,7 +4,9 @@ import dataclasses
 import json
 import os
 
-from catkit.reproduce.loza import quick_setup, run_loza
+import pytest
+
+from catkit.reproduce.loza import gpu_setup, quick_setup, run_loza
 from catkit.reproduce.registry import load_reproductions
 
 
@@ -37,3 +39,17 @@ def test_loza_pipeline_runs_end_to_end(tmp_path):
     # A second run reuses every cached stage and reports the same numbers.
     again = run_loza(out, tiny_setup(), device="cpu")
     assert again["alphas"] == r["alphas"] and again["variants"] == r["variants"]
+
+
+@pytest.mark.gpu
+def test_loza_pipeline_gpu_smoke(tmp_path):
+    """The GPU path (bf16 autocast, Triton prefill/decode kernels, block 128) at toy size."""
+    s = dataclasses.replace(gpu_setup(), d_model=128, n_layers=4, n_heads=2, n_kv_heads=1, context=1024,
+                            recent_blocks=2, batch_size=4, corpus_max_bytes=1_000_000, pretrain_steps=5,
+                            calib_steps=2, recover_steps=2, eval_batches=1, passkey_rows=4, speed_context=4096,
+                            speed_batch=2, decode_tokens=4)
+    r = run_loza(str(tmp_path), s, device="cuda")
+    assert r["device"] != "CPU" and len(r["variants"]["loza_50"]["layers"]) == 2
+    sp = r["speed"]
+    assert sp["streaming_100"]["kv_bytes"] < sp["loza_50"]["kv_bytes"] < sp["dense"]["kv_bytes"]
+    assert all(v["after"]["lm_loss"] < 10 for v in r["variants"].values())
