@@ -12,11 +12,15 @@ within-chunk cumulative log-decay G (fp32)::
     P = lower(sum_c q_ic k_jc exp(G_ic - G_jc))
     Vn = T V - W S,   O = scale * ((Q * exp(G)) S + P Vn),   S <- exp(G_C) S + (K exp(G_C - G))^T Vn
 
-The decay ratio exp(G_i - G_j) is formed per (i, j) pair with exponent <= 0 (the ratio is never
-split into exp(G_i) * exp(-G_j), whose second factor overflows fp32 for strong decay at C = 64).
+The decay ratio exp(G_i - G_j) is never split into exp(G_i) * exp(-G_j), whose second factor
+overflows fp32 for strong decay at C = 64. Between 16-row sub-chunks it is factored through the
+last row r of the earlier sub-chunk, exp(G_i - G_r) * exp(G_r - G_j), both exponents <= 0 (tensor-
+core products); inside a sub-chunk it is formed per pair. T comes from forward substitution on
+the 16x16 diagonal blocks (all at once) and an exact block-Neumann step for the rest.
 
-Kernels: ``chunk_cumsum`` (G), ``chunk_prep`` (A, P, T, W; parallel over chunks), ``chunk_fwd_state``
-(sequential over chunks per (sequence, head, V tile): Vn, O, per-chunk start states, final state).
+Kernels: ``chunk_cumsum`` (G), ``chunk_intra`` (A, P per sub-chunk), ``chunk_prep`` (T, W, U = T V,
+Q e^G, K e^(G_C - G); parallel over chunks), ``chunk_fwd_state`` (sequential over chunks per
+(sequence, head, V tile): Vn, O, per-chunk start states, final state).
 """
 
 from __future__ import annotations
@@ -321,23 +325,27 @@ def chunk_fwd(q, k, v, g, scale, initial_state, output_final_state, meta, save):
            dict(H=H, K=K, V=V, BT=BT, BC=BC, DOT_PREC=pr["DOT_PREC"], INV_PREC=pr["INV_PREC"]),
            [dict(**kb, BV=min(32, max(16, triton.next_power_of_2(V)))) for kb in kblock_options(BK, K)])
     o = torch.empty(NTOK, H, V, device=dev, dtype=q.dtype)
-    vn = torch.empty(NTOK, H, V, device=dev, dtype=torch.float32) if save else o
-    h = torch.empty(NT, H, K, V, device=dev, dtype=torch.float32) if save else o
+    # Per-chunk states and Vn are written even for inference: the SAVE=False variant of the state
+    # kernel hit an illegal memory access on an H200 with Triton 3.6 (cause not found), while the
+    # saving variant passed every GPU check. Costs NT*H*K*V + NTOK*H*V fp32 of extra writes.
+    vn = torch.empty(NTOK, H, V, device=dev, dtype=torch.float32)
+    h = torch.empty(NT, H, K, V, device=dev, dtype=torch.float32)
     ht = torch.empty(N, H, K, V, device=dev, dtype=torch.float32) if output_final_state else o
     h0 = initial_state if initial_state is not None else o
     launch(chunk_fwd_state_kernel, lambda opt: (triton.cdiv(V, opt["BV"]), N * H),
            (U, W, QG, KD, G, P, o, vn, h, h0, ht, cu, meta["chunk_offsets"], scale),
            dict(H=H, K=K, V=V, BT=BT, BK=BK, HAS_H0=initial_state is not None,
-                STORE_FINAL=output_final_state, SAVE=save, OP_BF16=pr["OP_BF16"],
+                STORE_FINAL=output_final_state, SAVE=True, OP_BF16=pr["OP_BF16"],
                 DOT_PREC=pr["DOT_PREC"]), vtile_options(V))
     saved = dict(G=G, Tm=Tm, W=W, P=P, vn=vn, h=h, QG=QG, KD=KD) if save else None
     return o, (ht if output_final_state else None), saved
 
 
-# Software-pipelining depth tried first (1 = none); a module setting so that a GPU check can pin
-# it to 1 if a Triton version miscompiles the pipelined loops. ``launch`` still falls back to
-# smaller tiles / fewer stages on OutOfResources.
-PIPELINE_STAGES = 2
+# Software-pipelining depth tried first (1 = none). Measured on an H200 with Triton 3.6: depth 2
+# miscompiles the bf16 backward (dq off by 7e-2 relative RMS), depth 1 is correct, so 1 is the
+# default; raise it only after the gpu test passes with it. ``launch`` falls back to smaller
+# tiles on OutOfResources.
+PIPELINE_STAGES = 1
 
 
 def _stages():
