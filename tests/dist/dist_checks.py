@@ -244,11 +244,62 @@ def _check_tp_bad(rank, world, seed):
         CommConfig(mode="fast")
 
 
+def _tp_model_pair(seed, n_kv_heads):
+    from catkit.models.config import ModelConfig
+    from catkit.models.model import CatModel
+
+    torch.manual_seed(seed)
+    cfg = ModelConfig(d_model=64, n_heads=8, n_kv_heads=n_kv_heads, pattern="AA", ffn_hidden=96, max_seq_len=128,
+                      init_std=0.05)
+    return CatModel(cfg), torch.randint(0, cfg.vocab_size, (2, 45))
+
+
+def _check_tp_model(rank, world, seed):
+    from catkit.dist import tensor_parallel_model
+    from catkit.utils.testing import rel_rms
+
+    full, ids = _tp_model_pair(seed, n_kv_heads=4)  # GQA: 2 query heads per KV head
+    with torch.no_grad():
+        ref = full(ids).logits
+        exact = tensor_parallel_model(full, comm=CommConfig("exact"))(ids).logits
+        errs = {}
+        for name, comm in (("int8", CommConfig("flash", bits=8, group_size=32, min_bytes=0)),
+                           ("int6", CommConfig("flash", bits=4, gather_bits=8, group_size=32, min_bytes=0))):
+            y = tensor_parallel_model(full, comm=comm)(ids).logits
+            errs[name] = (rel_rms(y, ref), _same_on_all_ranks(y))
+    # decode through the shard's own KV caches gives the prefill's logits
+    tp = tensor_parallel_model(full)
+    caches = tp.new_caches(2, 64)
+    with torch.no_grad():
+        tp(ids[:, :30], caches=caches)
+        step = tp(ids[:, 30:31], caches=caches).logits
+    torch.testing.assert_close(exact, ref, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(step[:, 0], ref[:, 30], rtol=1e-4, atol=1e-5)
+    assert all(same for _, same in errs.values()), "ranks disagree"
+    # a compressed reduction changes the logits, but within the quantization error
+    assert 1e-6 < errs["int8"][0] < 0.03 and errs["int8"][0] < errs["int6"][0] < 0.3, errs
+    # the full model is untouched and the shard holds 1/W of the attention / FFN weights
+    assert tp.blocks[0].mixer.n_heads == 8 // world and tp.blocks[0].ffn.down.weight.shape == (64, 96 // world)
+    assert full.blocks[0].mixer.n_heads == 8
+    return {k: v[0] for k, v in errs.items()}
+
+
+def _check_tp_model_bad(rank, world, seed):
+    from catkit.dist import tensor_parallel_model
+
+    full, _ = _tp_model_pair(seed, n_kv_heads=1)  # one KV head cannot be split
+    with pytest.raises(ValueError, match="n_kv_heads"):
+        tensor_parallel_model(full)
+    with pytest.raises(ValueError, match="model"):
+        tensor_parallel_model(nn.Linear(4, 4))
+
+
 CHECKS = {name: (lambda r, w, s, cfg=cfg: _check_bound(r, w, s, *cfg)) for name, cfg in CONFIGS.items()}
 CHECKS.update(zero_range=_check_zero_range, outliers=_check_outliers, nan_inf=_check_nan_inf,
               fallback_and_special=_check_fallback_and_special, bad_input=_check_bad_input,
               single_rank_group=_check_single_rank_group,
-              tp_exact=_check_tp_exact, tp_flash=_check_tp_flash, tp_bad=_check_tp_bad)
+              tp_exact=_check_tp_exact, tp_flash=_check_tp_flash, tp_bad=_check_tp_bad,
+              tp_model=_check_tp_model, tp_model_bad=_check_tp_model_bad)
 WORLD8_CHECKS = ["int6_g64_n2047", "nan_inf", "tp_exact"]
 
 

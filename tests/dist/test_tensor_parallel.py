@@ -1,4 +1,5 @@
-"""Column/row-parallel linears at TP = 2, 4, 8 (gloo) vs the unsharded nn.Linear (checks in dist_checks.py)."""
+"""Column/row-parallel linears and the TP CatModel at TP = 2, 4 (8: linears) on gloo vs the unsharded
+modules (checks in dist_checks.py)."""
 
 import pytest
 import torch
@@ -9,7 +10,7 @@ from catkit.dist import ColumnParallelLinear, RowParallelLinear
 
 
 @pytest.mark.parametrize("world", [2, 4])
-@pytest.mark.parametrize("check", ["tp_exact", "tp_flash", "tp_bad"])
+@pytest.mark.parametrize("check", ["tp_exact", "tp_flash", "tp_bad", "tp_model", "tp_model_bad"])
 def test_tensor_parallel(dist_report, world, check):
     assert_check(dist_report(world), check)
 
