@@ -96,6 +96,15 @@ def validate(q, k, v, g, bk, bv, scale, initial_state, cu_seqlens, *, need_squar
     return B, T, H, K, V, N
 
 
+def check_offsets(B, T, H, K, V, N, chunk_size):
+    """Kernels index with int32: per-token and per-chunk-state offsets must stay below 2^31."""
+    ntok = B * T
+    nchunks = ntok // chunk_size + N
+    if ntok * H * max(K, V, chunk_size) >= 2**31 or nchunks * H * K * V >= 2**31:
+        raise ValueError(f"q: {ntok} tokens x {H} heads (K={K}, V={V}) overflow the kernels' int32 "
+                         f"offsets; split the batch")
+
+
 def scaled_kv(k, v, bk, bv):
     """k~ = sqrt(bk) k, v~ = sqrt(bv) v in fp32, cast back to the input dtype (differentiable)."""
     sk = bk.float().sqrt()
@@ -183,9 +192,10 @@ def chunk_fg2_delta_rule(q, k, v, g, bk, bv=None, *, scale=None, initial_state=N
         bk = torch.sigmoid(torch.randn(2, 1024, 4, 64, device="cuda"))
         o, s = chunk_fg2_delta_rule(q, k, v, g, bk, output_final_state=True)
     """
-    validate(q, k, v, g, bk, bv, scale, initial_state, cu_seqlens, need_square=True)
+    B, T, H, K, V, N = validate(q, k, v, g, bk, bv, scale, initial_state, cu_seqlens, need_square=True)
     if chunk_size not in (16, 32, 64):
         raise ValueError(f"chunk_size: expected 16, 32 or 64, got {chunk_size}")
+    check_offsets(B, T, H, K, V, N, chunk_size)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     kt, vt = scaled_kv(k, v, bk, bv)
     return ChunkDeltaRuleFunction.apply(q, kt, vt, g, scale, initial_state, output_final_state,
@@ -194,10 +204,13 @@ def chunk_fg2_delta_rule(q, k, v, g, bk, bv=None, *, scale=None, initial_state=N
 
 def _beta_entry(q, k, v, g, beta, scale, initial_state, output_final_state, cu_seqlens, chunk_size,
                 g_ndim):
-    validate(q, k, v, g, beta, None, scale, initial_state, cu_seqlens, need_square=False,
-             rate_names=("beta", "beta"))
+    B, T, H, K, V, N = validate(q, k, v, g, beta, None, scale, initial_state, cu_seqlens,
+                                need_square=False, rate_names=("beta", "beta"))
     if beta.dim() != 3:
         raise ValueError(f"beta: expected a scalar rate per token and head, shape {tuple(q.shape[:3])}")
+    if chunk_size not in (16, 32, 64):
+        raise ValueError(f"chunk_size: expected 16, 32 or 64, got {chunk_size}")
+    check_offsets(B, T, H, K, V, N, chunk_size)
     if g_ndim is not None and g.dim() != g_ndim:
         raise ValueError(f"g: expected {g_ndim} dims for this variant, got shape {tuple(g.shape)}")
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
