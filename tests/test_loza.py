@@ -194,7 +194,7 @@ def test_hf_streaming_decode_and_padding(seed):
         set_use_kernels(m, False)
         convert(m, layers=[1, 2])
         x = torch.randint(1, 128, (2, 40))
-        kw = dict(max_new_tokens=20, do_sample=False, output_scores=True, return_dict_in_generate=True,
+        kw = dict(max_new_tokens=12, do_sample=False, output_scores=True, return_dict_in_generate=True,
                   pad_token_id=0, attention_mask=torch.ones_like(x))
         cached = m.generate(x, use_cache=True, **kw)
         fresh = m.generate(x, use_cache=False, **kw)
