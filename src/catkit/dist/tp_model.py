@@ -74,6 +74,15 @@ def shard_swiglu(ffn: SwiGLU, group=None, comm: CommConfig | None = None) -> Swi
     return shard
 
 
+def set_comm(model: nn.Module, comm: CommConfig) -> None:
+    """Switch every row-parallel layer of a TP model to ``comm`` (no weights move)."""
+    if not isinstance(comm, CommConfig):
+        raise ValueError(f"comm: expected a CommConfig, got {type(comm).__name__}")
+    for m in model.modules():
+        if isinstance(m, RowParallelLinear):
+            m.comm = comm
+
+
 def tensor_parallel_model(model: nn.Module, group=None, *, comm: CommConfig | None = None) -> nn.Module:
     """A TP copy of ``model`` (a ``CatModel``) holding this rank's shard; ``model`` is not changed.
 
