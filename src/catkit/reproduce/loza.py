@@ -14,8 +14,9 @@ scale:
    before and after recovery.
 4. Prefill / decode time and KV-cache bytes of dense, 50% LoZA and 100% streaming (bf16 on a GPU).
 
-Stages are cached under ``out_dir/stages`` (keyed by the setup), so a run cut short by a time
-limit continues where it stopped. Each training stage also stops at its time budget.
+Stages are cached under ``out_dir/stages`` (keyed by the setup and device type), so a run cut
+short by a time limit continues where it stopped; delete that folder to start over after a code
+change. Each training stage also stops at its time budget.
 """
 
 from __future__ import annotations
@@ -277,7 +278,7 @@ def run_loza(out_dir: str, s: LozaSetup, *, device=None) -> dict:
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     os.makedirs(out_dir, exist_ok=True)
     t_start = time.perf_counter()
-    tag = f"{zlib.crc32(json.dumps(dataclasses.asdict(s), sort_keys=True).encode()):08x}"
+    tag = f"{zlib.crc32(json.dumps([dataclasses.asdict(s), device.type], sort_keys=True).encode()):08x}"
     torch.manual_seed(s.seed)
     train, val = _Mix(s, "train"), _Mix(s, "val")
     n = s.n_layers
