@@ -1,4 +1,7 @@
-"""A contiguous per-layer KV cache for incremental decoding in ``CatModel.generate``.
+"""Per-layer KV caches for incremental decoding in ``CatModel.generate``.
+
+``KVCache``: contiguous, every token (dense attention). ``StreamingKVCache``: sink + ring-buffer
+window for streaming (LoZA SSA) layers, constant size however long the sequence.
 
 All rows of the batch share one length (prompts of equal length); the serving engine's paged
 cache handles ragged batches.
