@@ -156,12 +156,24 @@ def _check_fallback_and_special(rank, world, seed):
     torch.testing.assert_close(buf, sum(xs), rtol=1e-6, atol=1e-6)
 
 
+def _check_pipelined(rank, world, seed):
+    # slices are whole multiples of world * group_size values, so the groups (and so every code,
+    # scale and fp32 sum) are those of the unsliced message: bit-identical results
+    for numel, G, bits, gb, chunks in ((5000, 32, 8, None, 3), (4099, 64, 4, 8, 2), (300, 32, 4, None, 7)):
+        xs = _inputs(seed, world, numel, torch.float32)
+        y1 = flash_all_reduce(xs[rank], bits=bits, gather_bits=gb, group_size=G, chunks=1)
+        yk = flash_all_reduce(xs[rank], bits=bits, gather_bits=gb, group_size=G, chunks=chunks)
+        buf = xs[rank].clone()
+        flash_all_reduce(buf, bits=bits, gather_bits=gb, group_size=G, chunks=chunks, inplace=True)
+        assert torch.equal(y1, yk) and torch.equal(y1, buf), f"chunks={chunks} changed the result (n={numel})"
+
+
 def _check_bad_input(rank, world, seed):
     x = torch.randn(100)
     cases = [
         (dict(bits=3), "bits"), (dict(bits=4, gather_bits=6), "gather_bits"),
         (dict(group_size=100), "group_size"), (dict(group_size=16), "group_size"),
-        (dict(group_size=2048), "group_size"), (dict(min_bytes=-1), "min_bytes"),
+        (dict(group_size=2048), "group_size"), (dict(min_bytes=-1), "min_bytes"), (dict(chunks=0), "chunks"),
         (dict(meta_dtype=torch.bfloat16), "meta_dtype"),
     ]
     for kw, name in cases:
@@ -296,7 +308,8 @@ def _check_tp_model_bad(rank, world, seed):
 
 CHECKS = {name: (lambda r, w, s, cfg=cfg: _check_bound(r, w, s, *cfg)) for name, cfg in CONFIGS.items()}
 CHECKS.update(zero_range=_check_zero_range, outliers=_check_outliers, nan_inf=_check_nan_inf,
-              fallback_and_special=_check_fallback_and_special, bad_input=_check_bad_input,
+              fallback_and_special=_check_fallback_and_special,
+              pipelined=_check_pipelined, bad_input=_check_bad_input,
               single_rank_group=_check_single_rank_group,
               tp_exact=_check_tp_exact, tp_flash=_check_tp_flash, tp_bad=_check_tp_bad,
               tp_model=_check_tp_model, tp_model_bad=_check_tp_model_bad)

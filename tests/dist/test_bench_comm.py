@@ -21,11 +21,14 @@ def test_comm_bench_cpu_smoke():
     thresholds = {r["method"].removeprefix("fallback_") + "_auto": r["fallback_bytes_measured"] for r in fallback}
     assert all(r["fallback_bytes"] == thresholds[r["method"]] for r in timed if r["method"].endswith("_auto"))
     # five stages + their sum per compressed method, each with its bytes
-    stages = [r for r in rows if "stage" in r]
+    stages = [r for r in rows if "stage" in r and not r["stage"].startswith("chunks=")]
     assert len(stages) == 6 * len(flash)
     for r in stages:
         assert r["ms"] > 0 and r["correct"]
         assert r["stage"] == "sum" or r["moved_MB"] > 0 and ("hbm_GBps" in r) != ("busbw_GBps" in r)
+    # pipelined slices: bit-identical to one slice, timed
+    chunked = [r for r in rows if r.get("stage", "").startswith("chunks=")]
+    assert len(chunked) == 2 * len(flash)  # K = 1, 2 on CPU and all(r["correct"] and r["ms"] > 0 for r in chunked)
     # TP prefill: exact vs the unsharded model, compressed vs exact, int8 closest
     tp = {r["method"]: r for r in rows if r["method"].startswith("tp_")}
     assert list(tp) == ["tp_exact"] + [f"tp_{m}" for m in flash]

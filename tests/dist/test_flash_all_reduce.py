@@ -12,7 +12,7 @@ from dist_checks import CONFIGS, WORLD8_CHECKS, assert_check
 
 from catkit.dist import flash_all_reduce
 
-CHECKS = list(CONFIGS) + ["zero_range", "outliers", "nan_inf", "fallback_and_special", "bad_input",
+CHECKS = list(CONFIGS) + ["zero_range", "outliers", "nan_inf", "fallback_and_special", "pipelined", "bad_input",
                           "single_rank_group"]
 
 

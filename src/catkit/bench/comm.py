@@ -48,6 +48,7 @@ METHODS = {  # name: (bits, gather_bits); None = the NCCL anchor
 # int8, ~0.1 for int6/int4 at group 128); generous so only a real bug turns a row red
 TOLERANCE = {"nccl_bf16": 0.01, "flash_int8": 0.03, "flash_int6": 0.2, "flash_int4": 0.25}
 GROUP_SIZE = 128
+CHUNK_SWEEP = (1, 2, 4, 8)  # pipelined slices timed at the stage sizes
 HBM_PEAK_GBPS = {"H200": 4800.0, "H100": 3350.0}  # by card name; a stage row's hbm_frac uses it
 
 
@@ -134,8 +135,8 @@ def _measure(size: int, world: int, methods: dict, min_bytes: dict, quick: bool,
     xs = [torch.randn(numel, generator=g, device=dev).to(torch.bfloat16) for _ in range(nbuf)]
     exact = xs[0].float()
     dist.all_reduce(exact)
-    iters = 10 if quick or not cuda else (20 if size >= 64 << 20 else 50)
-    warmup = 3 if not cuda else 5
+    iters = 3 if not cuda else 10 if quick else (20 if size >= 64 << 20 else 50)
+    warmup = 1 if not cuda else 5
     rows, times = [], {}
     for method, spec in methods.items():
         it = iter(range(1 << 30))
@@ -195,13 +196,15 @@ def _stage_rows(size: int, world: int, dev, card: str, g, ok: dict, quick: bool)
     near 0.8 is bandwidth bound, far below it is latency or launch bound). Collectives: wire
     bytes per rank (``busbw_GBps``). The sum of the stage times next to the full call's time
     shows how much is lost between steps; ``host_ms`` shows launch cost per step."""
+    from catkit.dist import clear_plan_cache, flash_all_reduce
     from catkit.dist.flash_all_reduce import get_plan
 
     cuda = dev.type == "cuda"
     numel = size // 2
     x = torch.randn(numel, generator=g, device=dev).to(torch.bfloat16)
     peak = next((v for k, v in HBM_PEAK_GBPS.items() if k in card), None)
-    iters = 10 if quick or not cuda else 20
+    # CPU (smoke test): Triton interprets every launch, so as few calls as still exercise the code
+    iters, warmup = (20, 3) if cuda and not quick else (10, 3) if cuda else (2, 1)
     rows = []
     for method, spec in METHODS.items():
         if spec is None:
@@ -217,7 +220,7 @@ def _stage_rows(size: int, world: int, dev, card: str, g, ok: dict, quick: bool)
         }
         total = 0.0
         for stage, fn in plan.stages(x).items():
-            ms, host_ms = _timed(fn, iters, 3, cuda)
+            ms, host_ms = _timed(fn, iters, warmup, cuda)
             total += ms
             nbytes, kind = moved[stage]
             gbps = nbytes / (ms * 1e-3) / 1e9
@@ -234,6 +237,18 @@ def _stage_rows(size: int, world: int, dev, card: str, g, ok: dict, quick: bool)
         rows.append({"size": _fmt_bytes(size), "bytes": size, "method": f"{method}:sum_of_stages", "world": world,
                      "card": card, "stage": "sum", "ms": total, "full_call_ms": ok[method + "_ms"],
                      "correct": ok[method]})
+        # the pipelined path: the same call cut into K slices (K = 1 is the plain plan); the
+        # fastest K per size is what catkit.dist.flash_all_reduce.PIPELINE_CHUNKS should say
+        ref = flash_all_reduce(x, bits=spec[0], gather_bits=spec[1], group_size=GROUP_SIZE, min_bytes=0, chunks=1)
+        for k in CHUNK_SWEEP if cuda else CHUNK_SWEEP[:2]:
+            kw = dict(bits=spec[0], gather_bits=spec[1], group_size=GROUP_SIZE, min_bytes=0, chunks=k)
+            same = torch.equal(flash_all_reduce(x, **kw), ref)  # slicing must not change a bit
+            buf = x.clone()
+            ms, host_ms = _timed(lambda kw=kw: flash_all_reduce(buf, inplace=True, **kw), iters, warmup, cuda)
+            rows.append({"size": _fmt_bytes(size), "bytes": size, "method": f"{method}:chunks={k}", "world": world,
+                         "card": card, "stage": f"chunks={k}", "ms": ms, "host_ms": host_ms,
+                         "nccl_ms": ok["nccl_bf16_ms"], "correct": bool(ok[method] and same)})
+            clear_plan_cache()
     return rows
 
 

@@ -60,6 +60,7 @@ class CommConfig:
     spike_reserve: bool = False
     meta_dtype: torch.dtype = torch.float32
     min_bytes: int | None = None
+    chunks: int | None = None
 
     def __post_init__(self):
         if self.mode not in ("exact", "flash"):
@@ -67,6 +68,8 @@ class CommConfig:
         check_quant_args(self.bits, self.group_size, self.meta_dtype)
         if self.gather_bits is not None:
             check_quant_args(self.gather_bits, self.group_size, self.meta_dtype, name="gather_bits")
+        if self.chunks is not None and (not isinstance(self.chunks, int) or self.chunks < 1):
+            raise ValueError(f"chunks: expected a positive int or None, got {self.chunks!r}")
 
 
 def _backend_key(group, x: torch.Tensor) -> str:
@@ -117,7 +120,6 @@ class _Plan:
         self.group = group
         self.world, self.rank = dist.get_world_size(group), dist.get_rank(group)
         self.numel, self.dtype, self.device = numel, dtype, device
-        self.backend = None  # filled by the caller (needs a tensor on the device)
         if self.world == 1:
             return
         W, N = self.world, numel
@@ -136,6 +138,8 @@ class _Plan:
         self.decode = dequantize_launcher(QTensor(self.gathered.view(W, self.l2.row_bytes), self.l2, N))
         self.a2a = functools.partial(dist.all_to_all_single, self.recv, self.send.data, group=group)
         self.gather = functools.partial(_ALL_GATHER, self.gathered, self.mine.data.view(-1), group=group)
+        self.a2a_async = functools.partial(self.a2a, async_op=True)
+        self.gather_async = functools.partial(self.gather, async_op=True)
 
     def run(self, x: torch.Tensor, out: torch.Tensor) -> None:
         """x, out: contiguous, ``numel`` values; ``out`` may be ``x`` (x is last read by quantize)."""
@@ -151,6 +155,55 @@ class _Plan:
                 "all_gather": self.gather, "dequantize": lambda: self.decode(x)}
 
 
+class _Pipeline:
+    """The message cut into consecutive slices, each with its own :class:`_Plan`, issued so that
+    slice k+1's kernels run while slice k is on the link (async collectives; the calling
+    stream waits for each one only right before its result is read).
+
+    Order on the calling stream: Q0 Q1 .. | R0 R1 .. | D0 D1 ..; on NCCL's stream: A2A0 A2A1 ..
+    AG0 AG1 ..: Q(k+1) overlaps A2A(k), R(k) overlaps A2A(k+1) and AG(k-1), D(k) overlaps
+    AG(k+1). Every slice but the last holds a multiple of ``world * group_size`` values, so the
+    quantization groups are exactly those of the unsliced message (same error bound).
+    """
+
+    def __init__(self, group, numel: int, chunks: int, dtype, device, *cfg):
+        world = dist.get_world_size(group)
+        G = cfg[2]
+        step = -(-numel // chunks)
+        step = -(-step // (world * G)) * (world * G)
+        self.world, self.parts = world, []
+        for start in range(0, numel, step):
+            stop = min(start + step, numel)
+            self.parts.append((start, stop, _Plan(group, stop - start, dtype, device, *cfg)))
+
+    def run(self, x: torch.Tensor, out: torch.Tensor) -> None:
+        xf, of = x.view(-1), out.view(-1)
+        sent = []
+        for start, stop, p in self.parts:
+            p.quantize(xf[start:stop])
+            sent.append(p.a2a_async())
+        gathered = []
+        for (_, _, p), work in zip(self.parts, sent):
+            work.wait()
+            p.reduce()
+            gathered.append(p.gather_async())
+        for (start, stop, p), work in zip(self.parts, gathered):
+            work.wait()
+            p.decode(of[start:stop])
+
+
+# Slices for the pipelined path by message size (bytes, slices), largest first; below the last
+# entry one unsliced plan. PLACEHOLDER, NOT MEASURED: more slices overlap more but each costs
+# about five launches of host time; ``catkit bench comm`` times chunks = 1, 2, 4, 8 at 64 and
+# 256 MB (rows ``flash_<bits>:chunks=K``) to set these from.
+PIPELINE_CHUNKS: tuple = ((128 << 20, 4), (64 << 20, 2))
+
+
+def auto_chunks(nbytes: int) -> int:
+    """How many pipelined slices a message of ``nbytes`` gets by default."""
+    return next((k for limit, k in PIPELINE_CHUNKS if nbytes >= limit), 1)
+
+
 _PLANS: OrderedDict = OrderedDict()
 MAX_PLANS = 16  # least recently used plans (and their buffers) are dropped beyond this
 
@@ -161,18 +214,21 @@ def clear_plan_cache() -> None:
 
 
 def get_plan(x: torch.Tensor, group, bits: int, gather_bits: int, group_size: int, spike_reserve: bool,
-             meta_dtype: torch.dtype) -> _Plan:
-    """The cached plan for ``x``'s size, dtype, device (and CUDA stream) and these settings."""
+             meta_dtype: torch.dtype, chunks: int = 1):
+    """The cached plan for ``x``'s size, dtype, device (and CUDA stream) and these settings:
+    a :class:`_Plan`, or with ``chunks > 1`` a :class:`_Pipeline` of that many slices."""
     pg = group if group is not None else dist.group.WORLD  # a re-initialized world is a new object
     stream = torch.cuda.current_stream(x.device).stream_id if x.is_cuda else 0
-    key = (pg, x.numel(), x.dtype, x.device, bits, gather_bits, group_size, spike_reserve, meta_dtype, stream)
+    key = (pg, x.numel(), x.dtype, x.device, bits, gather_bits, group_size, spike_reserve, meta_dtype, stream, chunks)
     plan = _PLANS.get(key)
     if plan is not None:
         _PLANS.move_to_end(key)
         return plan
-    _, backend = _group_info(group, x)
-    plan = _Plan(group, x.numel(), x.dtype, x.device, bits, gather_bits, group_size, spike_reserve, meta_dtype)
-    plan.backend = backend
+    cfg = (bits, gather_bits, group_size, spike_reserve, meta_dtype)
+    if chunks > 1 and x.numel() > chunks * dist.get_world_size(group) * group_size:
+        plan = _Pipeline(group, x.numel(), chunks, x.dtype, x.device, *cfg)
+    else:
+        plan = _Plan(group, x.numel(), x.dtype, x.device, *cfg)
     _PLANS[key] = plan
     while len(_PLANS) > MAX_PLANS:
         _PLANS.popitem(last=False)
@@ -180,12 +236,13 @@ def get_plan(x: torch.Tensor, group, bits: int, gather_bits: int, group_size: in
 
 
 def flash_all_reduce_fwd(x: torch.Tensor, group, bits: int, gather_bits: int, group_size: int,
-                         spike_reserve: bool, meta_dtype: torch.dtype, out: torch.Tensor | None = None) -> torch.Tensor:
+                         spike_reserve: bool, meta_dtype: torch.dtype, out: torch.Tensor | None = None,
+                         chunks: int = 1) -> torch.Tensor:
     """The compressed path on a contiguous, non-empty ``x`` and a group of two or more ranks.
 
     ``out`` (contiguous, x's numel and dtype) may be ``x`` itself: ``x`` is last read by the
     quantize kernel, which runs before the final decode on the same stream."""
-    plan = get_plan(x, group, bits, gather_bits, group_size, spike_reserve, meta_dtype)
+    plan = get_plan(x, group, bits, gather_bits, group_size, spike_reserve, meta_dtype, chunks)
     if out is None:
         out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     plan.run(x, out)
@@ -197,12 +254,13 @@ class _FlashAllReduceFn(torch.autograd.Function):
     what follows the reduction is replicated, so each rank's partial gets the output's gradient)."""
 
     @staticmethod
-    def forward(ctx, x, group, bits, gather_bits, group_size, spike_reserve, meta_dtype):
-        return flash_all_reduce_fwd(x, group, bits, gather_bits, group_size, spike_reserve, meta_dtype)
+    def forward(ctx, x, group, bits, gather_bits, group_size, spike_reserve, meta_dtype, chunks):
+        return flash_all_reduce_fwd(x, group, bits, gather_bits, group_size, spike_reserve, meta_dtype,
+                                    chunks=chunks)
 
     @staticmethod
     def backward(ctx, dy):
-        return dy, None, None, None, None, None, None
+        return dy, None, None, None, None, None, None, None
 
 
 class _ExactAllReduceFn(torch.autograd.Function):
@@ -237,6 +295,7 @@ def flash_all_reduce(
     meta_dtype: torch.dtype = torch.float32,
     min_bytes: int | None = None,
     inplace: bool = False,
+    chunks: int | None = None,
 ) -> torch.Tensor:
     """Sum ``x`` over the ranks of ``group`` with int8/int4 group-wise compression.
 
@@ -256,6 +315,9 @@ def flash_all_reduce(
         inplace: write the result into ``x`` and return ``x`` (like ``dist.all_reduce``; saves
             the output allocation and, below the fallback size, a copy). Needs a contiguous
             ``x`` and no autograd through it.
+        chunks: cut the message into this many slices and overlap one slice's kernels with
+            another's transfers (same result: the groups do not change); ``None`` =
+            :func:`auto_chunks` of the size (1 below 64 MB; placeholder rule until measured).
 
     Returns ``sum over ranks of x`` (fp32 accumulation), identical on every rank, within the
     bound in the module docstring. Special cases: an empty ``x`` or a group of one rank returns
@@ -273,6 +335,8 @@ def flash_all_reduce(
     check_quant_args(gather_bits, group_size, meta_dtype, name="gather_bits")
     if min_bytes is not None and (not isinstance(min_bytes, int) or min_bytes < 0):
         raise ValueError(f"min_bytes: expected a non-negative int or None, got {min_bytes!r}")
+    if chunks is not None and (not isinstance(chunks, int) or isinstance(chunks, bool) or chunks < 1):
+        raise ValueError(f"chunks: expected a positive int or None, got {chunks!r}")
     if not dist.is_available() or not dist.is_initialized():
         raise ValueError("group: torch.distributed is not initialized (call init_process_group first)")
     if inplace and not x.is_contiguous():
@@ -282,10 +346,12 @@ def flash_all_reduce(
     world, backend = _group_info(group, x)
     if world == 1 or x.numel() == 0:
         return x if inplace else x.clone()
+    nbytes = x.numel() * x.element_size()
     threshold = FALLBACK_BYTES.get(backend, 0) if min_bytes is None else min_bytes
-    small = x.numel() * x.element_size() < threshold
+    small = nbytes < threshold
+    chunks = auto_chunks(nbytes) if chunks is None else chunks
     # below the threshold nothing but dist.all_reduce runs: the fallback must cost what NCCL costs
-    plan = None if small else get_plan(x, group, bits, gather_bits, group_size, spike_reserve, meta_dtype)
+    plan = None if small else get_plan(x, group, bits, gather_bits, group_size, spike_reserve, meta_dtype, chunks)
     if inplace:  # no autograd here: the fewest host steps for latency-bound sizes
         if small:
             dist.all_reduce(x, group=group)
@@ -296,7 +362,7 @@ def flash_all_reduce(
     if x.requires_grad and torch.is_grad_enabled():
         if small:
             return _ExactAllReduceFn.apply(x, group)
-        return _FlashAllReduceFn.apply(x, group, bits, gather_bits, group_size, spike_reserve, meta_dtype)
+        return _FlashAllReduceFn.apply(x, group, bits, gather_bits, group_size, spike_reserve, meta_dtype, chunks)
     if small:  # no graph to record: skip the autograd.Function's own host cost
         y = x.clone()
         dist.all_reduce(y, group=group)
@@ -313,4 +379,4 @@ def all_reduce(x: torch.Tensor, group=None, config: CommConfig | None = None) ->
         return exact_all_reduce(x, group)
     return flash_all_reduce(x, group, bits=config.bits, gather_bits=config.gather_bits,
                             group_size=config.group_size, spike_reserve=config.spike_reserve,
-                            meta_dtype=config.meta_dtype, min_bytes=config.min_bytes)
+                            meta_dtype=config.meta_dtype, min_bytes=config.min_bytes, chunks=config.chunks)
