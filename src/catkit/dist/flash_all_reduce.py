@@ -18,6 +18,20 @@ Error bound per output value (fp32 metadata): ``sum_r s1[r, g] / 2 + s2[g] / 2``
 ``s1[r, g]`` is rank r's step for the value's group (its range / (2**bits - 1)) and ``s2[g]`` is
 the step of the re-quantized sum's group (range / (2**gather_bits - 1)), plus fp32 rounding and,
 for fp16/bf16 outputs, the final rounding to the output dtype.
+
+Host cost (the first GPU run paid a fixed ~0.5-0.6 ms per call, 64 KB to 64 MB, while NCCL took
+0.04 ms): per message shape a cached :class:`_Plan` holds persistent buffers and every launch
+argument, so a call is five launches (quantize, all-to-all, reduce+requantize, all-gather,
+dequantize) and no allocation; measured on CPU with the kernels and collectives stubbed out, the
+Python around them went from 146 us to 11 us per call. There is no device->host sync on the path
+(no ``.item()``, no tensor in a Python ``if``), and without autograd no ``autograd.Function``.
+Below the fallback size only ``dist.all_reduce`` runs. Large messages can be cut into slices
+(``chunks``) whose kernels overlap the other slices' transfers (:class:`_Pipeline`).
+
+Not done here, an option for fixed shapes: capture the whole call in a CUDA graph (the plan's
+buffers are already static; NCCL collectives are capturable), which removes the remaining
+launch cost (~5 launches a call) for decode-sized messages; the caller would capture its own
+model step around it.
 """
 
 from __future__ import annotations
@@ -36,10 +50,14 @@ from catkit.utils.device import check_tensor
 
 # Below this many input bytes ``flash_all_reduce`` runs the exact all-reduce instead, because
 # two collectives plus three kernels cannot beat one latency-bound NCCL call on small messages.
-# PLACEHOLDER VALUES, NOT MEASUREMENTS: "nccl" (1 MiB) is a guess from the ~40 us latency floor in
-# flash_comm.md and is to be replaced by the crossover that ``catkit bench comm`` measures on two
-# GPUs (its rows carry ``fallback_bytes_measured``). "gloo" is 0 so CPU runs (tests) always take
-# the compressed path; on CPU compression is about correctness, not speed.
+# PLACEHOLDER VALUE, NOT A MEASUREMENT: "nccl" (1 MiB) is a guess from the ~40 us latency floor in
+# flash_comm.md. The first GPU run (old code, fixed ~0.5 ms per call) measured 512 MiB on 2 H200s
+# (int8/int6 never won, int4 from 256 MiB) and 256 MiB on 4; those describe the code before the
+# per-shape plans and are stale. ``catkit bench comm`` prints the new crossover
+# ("[comm] measured fallback bytes ... set FALLBACK_BYTES["nccl"] = N") and stores it in its
+# ``fallback_*`` rows (``recommended_fallback_bytes``): put that number here.
+# "gloo" is 0 so CPU runs (tests) always take the compressed path; on CPU compression is about
+# correctness, not speed.
 FALLBACK_BYTES: dict[str, int] = {"nccl": 1 << 20, "gloo": 0}
 
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)

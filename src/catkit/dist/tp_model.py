@@ -47,9 +47,10 @@ def shard_attention(attn: Attention, group=None, comm: CommConfig | None = None)
     k = w[(hq + rank * hk_r) * d:(hq + (rank + 1) * hk_r) * d]
     v = w[(hq + hk + rank * hk_r) * d:(hq + hk + (rank + 1) * hk_r) * d]
     d_model = w.shape[1]
-    shard = Attention(d_model, hq_r, hk_r, d, mode=attn.mode, streaming=attn.streaming)
+    with torch.device("meta"):  # no random init of weights that are overwritten next
+        shard = Attention(d_model, hq_r, hk_r, d, mode=attn.mode, streaming=attn.streaming)
+    shard = shard.to_empty(device=w.device).to(w.dtype)
     shard.use_kernels = attn.use_kernels
-    shard.to(device=w.device, dtype=w.dtype)
     with torch.no_grad():
         shard.qkv.weight.copy_(torch.cat([q, k, v], 0))
     if attn.loza_gate is not None:
@@ -66,7 +67,9 @@ def shard_swiglu(ffn: SwiGLU, group=None, comm: CommConfig | None = None) -> Swi
     if hidden % world:
         raise ValueError(f"ffn_hidden: {hidden} hidden units cannot be split over a tensor-parallel size of {world}")
     h_r = hidden // world
-    shard = SwiGLU(w.shape[1], h_r).to(device=w.device, dtype=w.dtype)
+    with torch.device("meta"):
+        shard = SwiGLU(w.shape[1], h_r)
+    shard = shard.to_empty(device=w.device).to(w.dtype)
     with torch.no_grad():
         shard.gate_up.weight.copy_(torch.cat([w[rank * h_r:(rank + 1) * h_r],
                                               w[hidden + rank * h_r:hidden + (rank + 1) * h_r]], 0))
