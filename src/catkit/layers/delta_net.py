@@ -58,6 +58,7 @@ VARIANTS = ("gdn", "kda", "fg2", "fg2+")
 IMPLS = ("auto", "triton", "torch", "naive")
 OPTION_KEYS = ("n_heads", "head_dim", "conv_size", "gate_rank", "rate_rank", "neg_eigval", "impl")
 RECURRENT_MAX_T = 16  # decode / short continuations go through the fused recurrent kernel
+TORCH_CHUNK = 16  # the PyTorch fallback's chunk: its [B, H, C, C, K] decay tensor favours small C
 
 
 class DeltaNetCache:
@@ -218,7 +219,7 @@ class DeltaNet(nn.Module):
                 bk = beta[..., None].expand(*beta.shape, q.shape[-1])
                 bv = beta[..., None].expand(*beta.shape, v.shape[-1])
                 o, s = chunked_reference_fg2(q, k, v, g, bk, bv, initial_state=initial_state,
-                                             output_final_state=output_final_state)
+                                             output_final_state=output_final_state, chunk_size=TORCH_CHUNK)
             else:
                 o, s = naive_gated_delta_rule(q, k, v, g, beta, **kw)
             return o.to(q.dtype), s
@@ -232,7 +233,7 @@ class DeltaNet(nn.Module):
             o, s = fused_recurrent_fg2_delta_rule(q, kt, vt, g, unit, **kw)
         elif mode == "torch":
             o, s = chunked_reference_fg2(q, kt, vt, g, unit, initial_state=initial_state,
-                                         output_final_state=output_final_state)
+                                         output_final_state=output_final_state, chunk_size=TORCH_CHUNK)
         else:
             o, s = naive_fg2_delta_rule(q, kt, vt, g, unit, **kw)
         return o.to(q.dtype), s
