@@ -199,7 +199,8 @@ def test_gpu_kernels_match_naive(seed, bits, spike):
     ref = naive.quantize(x, bits, 128, rows=2, spike_reserve=spike)
     assert_same_qtensor(q, ref)
     y = dequantize(q, out_dtype=torch.bfloat16)
-    torch.testing.assert_close(y.float(), naive.dequantize(ref).to(torch.bfloat16).float(), rtol=2**-7, atol=1e-5,
+    # decode the kernel's own codes (they may differ from ref's by one step at ties, see above)
+    torch.testing.assert_close(y.float(), naive.dequantize(q).to(torch.bfloat16).float(), rtol=2**-7, atol=1e-5,
                                equal_nan=True)
     out_layout = QuantLayout(q.layout.n, 8, 128, spike)
     got = reduce_requantize_fwd(q, out_layout, n_valid=q.layout.n - 77)

@@ -446,6 +446,7 @@ def run_comm(quick: bool = False, device: str = "cuda", world: int | None = None
             dist.init_process_group("nccl" if device == "cuda" else "gloo")
         try:
             rows = _rank_job(rank, env_world, sizes, quick, device, parts)
+            dist.barrier()  # no rank tears its connections down while a peer still uses them
         finally:
             if created:
                 dist.destroy_process_group()

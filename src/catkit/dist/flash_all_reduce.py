@@ -36,6 +36,7 @@ model step around it.
 
 from __future__ import annotations
 
+import atexit
 import functools
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -227,8 +228,14 @@ MAX_PLANS = 16  # least recently used plans (and their buffers) are dropped beyo
 
 
 def clear_plan_cache() -> None:
-    """Drop every cached plan and its persistent buffers (e.g. before ``torch.cuda.empty_cache``)."""
+    """Drop every cached plan and its persistent buffers (e.g. before ``torch.cuda.empty_cache``)
+    and the cached group facts; also run at exit, so no process group outlives the interpreter's
+    orderly shutdown inside a cache."""
     _PLANS.clear()
+    _GROUPS.clear()
+
+
+atexit.register(clear_plan_cache)
 
 
 def get_plan(x: torch.Tensor, group, bits: int, gather_bits: int, group_size: int, spike_reserve: bool,

@@ -37,6 +37,10 @@ def _entry(rank, fn, world_size, port, backend, timeout_s, args, queue):
                                 timeout=datetime.timedelta(seconds=timeout_s))
         out = fn(rank, world_size, *args)
         queue.put((rank, True, out))
+        try:  # no rank tears its connections down while a peer still uses them (gloo aborts then)
+            dist.barrier()
+        except Exception:  # noqa: BLE001 - the result is already reported
+            pass
     except BaseException:  # noqa: BLE001 - reported to the parent, which re-raises
         queue.put((rank, False, traceback.format_exc()))
     finally:

@@ -152,6 +152,7 @@ def main() -> None:
                     top1 = (out.argmax(-1) == ref.argmax(-1)).float().mean()
                     print(f"tp={world} {name}: rel rms {rel_rms(out, ref):.2e}, top-1 agreement {top1:.4f}",
                           flush=True)
+        dist.barrier()  # no rank tears its connections down while a peer still uses them
     finally:
         dist.destroy_process_group()
 
