@@ -302,10 +302,17 @@ class _ExactAllReduceFn(torch.autograd.Function):
         return dy, None
 
 
-def exact_all_reduce(x: torch.Tensor, group=None) -> torch.Tensor:
-    """Sum of ``x`` over ``group`` (``dist.all_reduce`` on a copy, identity backward)."""
+def exact_all_reduce(x: torch.Tensor, group=None, *, inplace: bool = False) -> torch.Tensor:
+    """Sum of ``x`` over ``group`` (``dist.all_reduce`` on a copy, identity backward).
+
+    ``inplace``: reduce into ``x`` itself and return it (contiguous ``x``, no autograd through it)."""
     if not dist.is_initialized() or dist.get_world_size(group) == 1 or x.numel() == 0:
-        return x.clone()
+        return x if inplace else x.clone()
+    if inplace:
+        if not x.is_contiguous():
+            raise ValueError("x: inplace=True needs a contiguous tensor")
+        dist.all_reduce(x, group=group)
+        return x
     return _ExactAllReduceFn.apply(x.contiguous(), group)
 
 
@@ -397,11 +404,13 @@ def flash_all_reduce(
     return out
 
 
-def all_reduce(x: torch.Tensor, group=None, config: CommConfig | None = None) -> torch.Tensor:
-    """Exact or compressed all-reduce of ``x`` as ``config`` says (default exact)."""
+def all_reduce(x: torch.Tensor, group=None, config: CommConfig | None = None, *, inplace: bool = False) -> torch.Tensor:
+    """Exact or compressed all-reduce of ``x`` as ``config`` says (default exact); ``inplace``
+    reduces into ``x`` (a scratch partial sum nobody else reads, no autograd through it)."""
     config = config or CommConfig()
     if config.mode == "exact":
-        return exact_all_reduce(x, group)
+        return exact_all_reduce(x, group, inplace=inplace)
     return flash_all_reduce(x, group, bits=config.bits, gather_bits=config.gather_bits,
                             group_size=config.group_size, spike_reserve=config.spike_reserve,
-                            meta_dtype=config.meta_dtype, min_bytes=config.min_bytes, chunks=config.chunks)
+                            meta_dtype=config.meta_dtype, min_bytes=config.min_bytes, chunks=config.chunks,
+                            inplace=inplace)

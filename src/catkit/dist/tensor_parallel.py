@@ -134,5 +134,8 @@ class RowParallelLinear(nn.Module):
                              f"got shape {tuple(x.shape)}")
         y = F.linear(x, self.weight)
         if self.world > 1:
-            y = all_reduce(y, self.group, self.comm)
+            # y is this layer's own fresh partial: without autograd reduce it in place (no copy /
+            # output allocation per call; prefill all-reduces are tens of MB each)
+            inplace = not (torch.is_grad_enabled() and y.requires_grad) and y.is_contiguous()
+            y = all_reduce(y, self.group, self.comm, inplace=inplace)
         return y + self.bias if self.bias is not None else y
