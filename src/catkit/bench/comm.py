@@ -21,6 +21,20 @@ size from which the method beats NCCL at every larger size) and ``recommended_fa
 pass times ``flash_<bits>_auto`` (the library call with that measured threshold, i.e. what a user
 gets: NCCL below it, compression above), each again next to a fresh NCCL time.
 
+Every timed row also has ``host_ms``: the wall time of issuing the calls, per call; near ``ms``
+means host bound (Python / launches), far below means the GPU or the link is the limit. Then,
+at the smallest size and at 64 / 256 MB, each compressed method's five steps are timed alone
+(rows ``flash_<bits>:<stage>`` with the bytes each moves: ``hbm_GBps`` / ``hbm_frac`` of the
+card's peak for kernels, ``busbw_GBps`` for the two collectives; ``:sum_of_stages`` next to the
+full call) and the pipelined path is swept (rows ``flash_<bits>:chunks=K``, K = 1, 2, 4, 8) to
+set ``PIPELINE_CHUNKS``. The run prints the measured ``FALLBACK_BYTES["nccl"]``.
+
+Suite ``comm_tp`` (same module; ``python -m catkit.bench.comm`` runs both, two JSON records):
+time-to-first-token of a TP = #GPUs prefill of a ~1B-parameter dense ``CatModel`` (random
+weights, 8K tokens of built-in corpus text, bf16) with exact vs int8 / int6 / int4 all-reduce,
+the logit change (relative RMS, top-1 agreement vs exact TP; exact TP vs the unsharded model)
+and the perplexity of the prompt text under each.
+
 Smoke test without a GPU: ``python -m catkit.bench.comm --device cpu`` (gloo, tiny sizes, TP rows too).
 GPU: ``python -m catkit.bench.comm --out DIR [--quick]`` or ``catkit bench comm`` (spawns one
 process per visible GPU), or under ``torchrun --nproc-per-node N -m catkit.bench.comm --out DIR``
