@@ -107,7 +107,7 @@ def test_fg2_with_equal_rates_is_kda(seed):
     """FG2 with bk = bv = beta * 1 is KDA: at the op level and for whole layers with tied weights."""
     kda = _layer("kda")
     fg2 = _layer("fg2", rate_rank=0)  # full-rank rate projection, so it can copy KDA's per-head one
-    B, T = 2, 63
+    B, T = 2, 40
     q = F.normalize(torch.randn(B, T, H, K), dim=-1)
     k = F.normalize(torch.randn(B, T, H, K), dim=-1)
     v = torch.randn(B, T, H, K)
@@ -144,7 +144,7 @@ def test_hybrid_model_trains_and_generates(seed, pattern):
                       mixer_options={"delta": {"head_dim": K}})
     model = CatModel(cfg)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
-    x = torch.randint(0, cfg.vocab_size, (2, 33))
+    x = torch.randint(0, cfg.vocab_size, (1, 33))
     losses = []
     for _ in range(3):
         loss, _ = model.loss(x[:, :-1], x[:, 1:])
@@ -153,10 +153,10 @@ def test_hybrid_model_trains_and_generates(seed, pattern):
         opt.step()
         losses.append(loss.item())
     assert all(torch.isfinite(torch.tensor(losses))) and losses[-1] < losses[0]
-    prompt = x[:, :20]
+    prompt = torch.randint(0, cfg.vocab_size, (2, 12))
     cached = model.generate(prompt, 3)
     assert torch.equal(cached, model.generate(prompt, 3, use_cache=False))
-    assert cached.shape == (2, 23)
+    assert cached.shape == (2, 15)
 
 
 def test_bad_options():
