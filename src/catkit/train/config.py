@@ -62,8 +62,8 @@ class TrainConfig:
 PRESETS: dict[str, tuple[ModelConfig, TrainConfig]] = {
     "tiny": (
         ModelConfig(d_model=128, pattern="AAAA", n_heads=4, n_kv_heads=2, max_seq_len=256),
-        TrainConfig(steps=300, batch_size=16, seq_len=128, lr=3e-3, warmup_steps=30, eval_every=50,
-                    ckpt_every=100, log_every=5, corpus_max_bytes=4_000_000),
+        TrainConfig(steps=800, batch_size=16, seq_len=128, lr=3e-3, warmup_steps=50, eval_every=100,
+                    ckpt_every=200, log_every=10, corpus_max_bytes=4_000_000),
     ),
     "small": (
         ModelConfig(d_model=512, pattern="AAAAAAAA", n_heads=8, n_kv_heads=4, max_seq_len=1024),
