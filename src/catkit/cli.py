@@ -74,11 +74,8 @@ def cmd_train(args) -> int:
 
     model_cfg, train_cfg = preset(args.preset)
     mo, to = _parse_overrides(args.set or [])
-    try:
-        model_cfg = model_cfg.replace(**mo)
-        train_cfg = type(train_cfg).from_dict({**train_cfg.to_dict(), **to})
-    except TypeError as e:
-        raise SystemExit(f"--set: {e}")
+    model_cfg = model_cfg.replace(**mo)
+    train_cfg = train_cfg.replace(**to)
     out = args.out or os.path.join(env.runs_dir(), args.preset)
     trainer = Trainer(model_cfg, train_cfg, out, progress=not args.no_progress)
     try:

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass, field
+
+from catkit.utils.config import ConfigMixin
 
 
 @dataclass
-class ModelConfig:
+class ModelConfig(ConfigMixin):
     """A decoder-only model built from a layer pattern, one letter per layer.
 
     ``pattern="AAAA"`` is four dense-attention layers; letters are looked up in
@@ -91,16 +92,3 @@ class ModelConfig:
 
             ngram_options(self.ngram, self.vocab_size, self.d_model)
 
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "ModelConfig":
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ValueError(f"config: unknown field(s) {unknown}")
-        return cls(**d)
-
-    def replace(self, **overrides) -> "ModelConfig":
-        return dataclasses.replace(self, **overrides)

@@ -6,10 +6,11 @@ import dataclasses
 from dataclasses import dataclass
 
 from catkit.models.config import ModelConfig
+from catkit.utils.config import ConfigMixin
 
 
 @dataclass
-class TrainConfig:
+class TrainConfig(ConfigMixin):
     steps: int = 300
     batch_size: int = 16  # sequences per optimizer step, over all ranks and micro-batches
     seq_len: int = 128
@@ -46,16 +47,6 @@ class TrainConfig:
         if self.precision not in ("auto", "fp32", "bf16"):
             raise ValueError(f"precision: expected auto, fp32 or bf16, got {self.precision!r}")
 
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "TrainConfig":
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ValueError(f"train config: unknown field(s) {unknown}")
-        return cls(**d)
 
 
 # name -> (model config, train config). "tiny" finishes in a few minutes on 2 CPU cores.
