@@ -98,8 +98,7 @@ class PagedKVCache:
 
     def ensure(self, rid: int, n_tokens: int) -> None:
         """Allocate blocks so ``rid`` can hold ``n_tokens`` tokens; OutOfBlocks (nothing taken) if the pool can't."""
-        table = self.tables.setdefault(rid, [])
-        self.lengths.setdefault(rid, 0)
+        table = self.tables.get(rid, [])
         need = self.blocks_for(n_tokens) - len(table)
         if need <= 0:
             return
@@ -109,6 +108,8 @@ class PagedKVCache:
             raise OutOfBlocks(f"request {rid}: needs {need} more block(s), {self.num_free} free, {others} promised")
         for _ in range(need):
             table.append(self.free_blocks.pop())
+        self.tables[rid] = table
+        self.lengths.setdefault(rid, 0)
 
     def free(self, rid: int) -> None:
         """Return every block of ``rid`` to the pool (no-op for an unknown request)."""
