@@ -9,7 +9,6 @@ seed, stop, stream), ``GET /v1/models``, ``GET /health``. Every bad request is a
 message; a client that disconnects mid-stream has its request aborted and its KV blocks freed.
 """
 
-from __future__ import annotations
 
 import asyncio
 import codecs
@@ -127,6 +126,8 @@ class _TextAssembler:
 
     def push(self, token: int | None) -> str:
         """Add one token (None = generation ended); returns the new text that is safe to send."""
+        if self.stopped:
+            return ""
         final = token is None
         if token is not None:
             self.buf += self.tok.decode_bytes([token])
