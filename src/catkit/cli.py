@@ -1,4 +1,4 @@
-"""The ``catkit`` command: demo | train | generate | bench | reproduce | info."""
+"""The ``catkit`` command: demo | train | generate | serve | bench | reproduce | info."""
 
 from __future__ import annotations
 
@@ -94,18 +94,18 @@ def cmd_train(args) -> int:
     return 0
 
 
-def cmd_generate(args) -> int:
+def _load_checkpoint_model(arg: str):
+    """``CatModel`` from a run directory or checkpoint directory, on the GPU if there is one, in eval mode."""
     import torch
 
-    from catkit.data import ByteTokenizer
     from catkit.models import CatModel, ModelConfig
     from catkit.train import checkpoint as ckpt
 
-    path = args.checkpoint
+    path = arg
     if os.path.isdir(os.path.join(path, "checkpoints")):
         path = ckpt.latest_checkpoint(os.path.join(path, "checkpoints"))
         if path is None:
-            raise SystemExit(f"--checkpoint: no complete checkpoint under {args.checkpoint}")
+            raise SystemExit(f"--checkpoint: no complete checkpoint under {arg}")
     try:
         state = ckpt.read_state(path)
         model = CatModel(ModelConfig.from_dict(state["model_config"]))
@@ -113,16 +113,58 @@ def cmd_generate(args) -> int:
     except ckpt.CheckpointError as e:
         raise SystemExit(str(e))
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    model = model.to(device).eval()
+    return model.to(device).eval(), device
+
+
+def cmd_generate(args) -> int:
+    import torch
+
+    from catkit.data import ByteTokenizer
+    from catkit.serve import Engine, SamplingParams
+    from catkit.serve.paged_cache import check_model_supported
+
+    model, device = _load_checkpoint_model(args.checkpoint)
     tok = ByteTokenizer()
-    ids = torch.tensor([tok.encode(args.prompt)], device=device)
-    g = torch.Generator(device=device).manual_seed(args.seed)
-    n = min(args.max_tokens, model.cfg.max_seq_len - ids.shape[1])
+    prompt = tok.encode(args.prompt)
+    n = min(args.max_tokens, model.cfg.max_seq_len - len(prompt))
     try:
-        out = model.generate(ids, n, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, generator=g)
+        check_model_supported(model)
+    except ValueError:  # layers the paged engine does not serve yet: plain cached generation
+        ids = torch.tensor([prompt], device=device)
+        g = torch.Generator(device=device).manual_seed(args.seed)
+        try:
+            out = model.generate(ids, n, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, generator=g)
+        except ValueError as e:
+            raise SystemExit(str(e))
+        print(tok.decode(out[0].tolist()))
+        return 0
+    if n < 0:
+        raise SystemExit(f"--prompt: {len(prompt)} tokens exceed max_seq_len={model.cfg.max_seq_len}")
+    if n == 0:
+        print(tok.decode(prompt))
+        return 0
+    block = 16
+    engine = Engine(model, max_batch_size=1, num_blocks=-(-(len(prompt) + n) // block), block_size=block)
+    try:
+        # same seeded generator and sampling calls as model.generate, so the output is unchanged
+        gen = engine.generate([prompt], SamplingParams(max_tokens=n, temperature=args.temperature, top_k=args.top_k,
+                                                       top_p=args.top_p, seed=args.seed))[0]
     except ValueError as e:
         raise SystemExit(str(e))
-    print(tok.decode(out[0].tolist()))
+    print(tok.decode(prompt + gen))
+    return 0
+
+
+def cmd_serve(args) -> int:
+    from catkit.data import ByteTokenizer
+    from catkit.serve import Engine
+    from catkit.serve.server import serve
+
+    model, _ = _load_checkpoint_model(args.checkpoint)
+    num_blocks = args.num_blocks or -(-model.cfg.max_seq_len // args.block_size) * args.max_batch_size
+    engine = Engine(model, max_batch_size=args.max_batch_size, num_blocks=num_blocks, block_size=args.block_size)
+    name = args.model_name or os.path.basename(os.path.normpath(args.checkpoint))
+    serve(engine, ByteTokenizer(), name, host=args.host, port=args.port)
     return 0
 
 
@@ -204,6 +246,16 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--top-p", type=float, default=None)
     g.add_argument("--seed", type=int, default=0)
     g.set_defaults(fn=cmd_generate)
+
+    sv = sub.add_parser("serve", help="OpenAI-compatible HTTP server (/v1/completions) for a checkpoint")
+    sv.add_argument("--checkpoint", required=True, help="run directory or checkpoint directory")
+    sv.add_argument("--host", default="127.0.0.1")
+    sv.add_argument("--port", type=int, default=8000)
+    sv.add_argument("--model-name", default=None, help="the model id clients send (default: the run directory name)")
+    sv.add_argument("--max-batch-size", type=int, default=8)
+    sv.add_argument("--block-size", type=int, default=16)
+    sv.add_argument("--num-blocks", type=int, default=None, help="KV blocks per layer (default: a full context per batch slot)")
+    sv.set_defaults(fn=cmd_serve)
 
     b = sub.add_parser("bench", help="run benchmark suites (catkit vs its anchor)")
     b.add_argument("suite", nargs="*", help="suite names, or 'all'")
