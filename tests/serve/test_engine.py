@@ -135,3 +135,21 @@ def test_streaming_callback_iterator_and_abort():
 def test_refuses_unsupported_models():
     with pytest.raises(ValueError, match="dense attention"):
         Engine(tiny_model(pattern="AG"), max_batch_size=2, num_blocks=8)
+
+
+def test_paged_decode_kernel_path_matches(monkeypatch):
+    """Decode attention through ``paged_decode_attention`` (Triton; interpreted on CPU) == model.generate."""
+    from catkit.utils.triton_utils import triton_available
+
+    if not triton_available():
+        pytest.skip("triton is not installed")
+    import catkit.ops.sparse_attention as sa
+
+    calls = []
+    orig = sa.paged_decode_attention
+    monkeypatch.setattr(sa, "paged_decode_attention", lambda *a, **k: calls.append(1) or orig(*a, **k))
+    model = tiny_model(6, n_heads=2, n_kv_heads=1)  # head_dim 16: a kernel size
+    prompts = [[1, 2, 3], [5, 6, 7, 8, 9, 10, 11], [3]]
+    engine = Engine(model, max_batch_size=3, num_blocks=20, block_size=4, use_kernels=True)
+    assert engine.generate(prompts, SamplingParams(max_tokens=5)) == [reference(model, p, 5) for p in prompts]
+    assert calls  # the kernel really ran

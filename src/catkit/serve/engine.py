@@ -87,11 +87,14 @@ class Engine:
         max_batch_size: most requests decoded together in one step.
         num_blocks, block_size: the paged KV cache's pool (per layer).
         device: default the model's device.
+        use_kernels: decode attention through ``paged_decode_attention`` (Triton) where the device
+            allows; None (default) = on CUDA only (under the CPU interpreter it is correct but slow).
     Thread safety: ``add_request``, ``abort`` and ``step`` take one lock, so a server may call
     ``step`` from a background thread while handlers add and abort requests.
     """
 
-    def __init__(self, model, *, max_batch_size: int, num_blocks: int, block_size: int = 16, device=None):
+    def __init__(self, model, *, max_batch_size: int, num_blocks: int, block_size: int = 16, device=None,
+                 use_kernels: bool | None = None):
         check_model_supported(model)
         if isinstance(max_batch_size, bool) or not isinstance(max_batch_size, int) or max_batch_size < 1:
             raise ValueError(f"max_batch_size: expected a positive int, got {max_batch_size!r}")
@@ -99,6 +102,7 @@ class Engine:
         self.device = torch.device(device) if device is not None else model.embed.weight.device
         self.cache = PagedKVCache.for_model(model, num_blocks, block_size, device=self.device)
         self.max_batch_size = max_batch_size
+        self.use_kernels = use_kernels
         self.waiting: collections.deque[Request] = collections.deque()
         self.running: list[Request] = []
         self.requests: dict[int, Request] = {}  # live requests plus the most recent finished ones
@@ -260,7 +264,8 @@ class Engine:
         index, valid = cache.gather_index(rids, lens)
         # key j visible to query i of row b: j is a real key and j <= its position (causal)
         mask = (valid[:, None, :] & (torch.arange(index.shape[1], device=dev)[None, None, :] <= pos[:, :, None]))
-        use_kernel = t == 1 and dev.type == "cuda" and cfg.dim_head in (16, 32, 64, 128)
+        want = self.use_kernels if self.use_kernels is not None else dev.type == "cuda"
+        use_kernel = want and t == 1 and cfg.dim_head in (16, 32, 64, 128)
         table = cache.block_table(rids) if use_kernel else None
         for i, block in enumerate(model.blocks):
             attn = block.mixer
