@@ -224,3 +224,18 @@ def test_disconnect_mid_stream_frees_blocks(server, monkeypatch):
     assert _wait_idle(engine, 5.0), "blocks were not freed after the client disconnected"
     req = engine.requests[rid]
     assert req.finish_reason == "abort" and len(req.output) < 240
+
+
+def test_engine_failure_does_not_hang(server, monkeypatch):
+    url, engine, _ = server
+
+    def boom(*a, **k):
+        raise RuntimeError("simulated device failure")
+
+    monkeypatch.setattr(engine, "_forward", boom)
+    r = httpx.post(url + "/v1/completions", json={"prompt": "x", "max_tokens": 4}, timeout=TIMEOUT)
+    assert r.status_code == 500 and "failed" in r.json()["error"]["message"]
+    assert _wait_idle(engine, 5.0)
+    monkeypatch.undo()
+    r = httpx.post(url + "/v1/completions", json={"prompt": "x", "max_tokens": 4}, timeout=TIMEOUT)
+    assert r.status_code == 200  # the engine thread survived
