@@ -55,7 +55,7 @@ def server():
 def _wait_idle(engine, timeout=10.0):
     end = time.time() + timeout
     while time.time() < end:
-        if engine.cache.num_free == BLOCKS and not engine.running and not engine.waiting:
+        if engine.cache.num_free == BLOCKS and not engine.has_work():
             return True
         time.sleep(0.02)
     return False

@@ -89,8 +89,9 @@ class Engine:
         device: default the model's device.
         use_kernels: decode attention through ``paged_decode_attention`` (Triton) where the device
             allows; None (default) = on CUDA only (under the CPU interpreter it is correct but slow).
-    Thread safety: ``add_request``, ``abort`` and ``step`` take one lock, so a server may call
-    ``step`` from a background thread while handlers add and abort requests.
+    Thread safety: ``add_request`` and ``abort`` only touch an inbox under a short lock (they never
+    wait for a running step), ``step`` drains it under the same lock; so a server may call ``step``
+    from a background thread while handlers add and abort requests.
     """
 
     def __init__(self, model, *, max_batch_size: int, num_blocks: int, block_size: int = 16, device=None,
@@ -108,8 +109,10 @@ class Engine:
         self.requests: dict[int, Request] = {}  # live requests plus the most recent finished ones
         self._finished_order: collections.deque[int] = collections.deque()
         self._aborts: set[int] = set()
+        self._inbox: collections.deque[Request] = collections.deque()
         self._ids = itertools.count()
-        self.lock = threading.RLock()
+        self._inbox_lock = threading.Lock()  # guards _inbox, _aborts and ids
+        self.lock = threading.RLock()  # held for a whole step
 
     @property
     def max_seq_len(self) -> int:
@@ -140,30 +143,43 @@ class Engine:
         prompt = self.check_request(prompt_ids, params)
         seed = params.seed if params.seed is not None else random.getrandbits(63)
         gen = torch.Generator(device=self.device).manual_seed(seed)
-        with self.lock:
+        with self._inbox_lock:
             rid = next(self._ids)
             req = Request(rid, prompt, params, on_token, generator=gen)
             req.stats.prompt_tokens, req.stats.arrival = len(prompt), time.perf_counter()
             self.requests[rid] = req
-            self.waiting.append(req)
+            self._inbox.append(req)
         return rid
 
     def abort(self, rid: int) -> None:
         """Stop a request at the next step (thread safe); its blocks are freed then."""
-        with self.lock:
+        with self._inbox_lock:
             req = self.requests.get(rid)
             if req is not None and not req.finished:
                 self._aborts.add(rid)
 
+    @property
+    def num_waiting(self) -> int:
+        """Requests not yet admitted (queued, or just added and not seen by a step yet)."""
+        return len(self.waiting) + len(self._inbox)
+
     def has_work(self) -> bool:
-        return bool(self.waiting or self.running or self._aborts)
+        return bool(self.waiting or self.running or self._aborts or self._inbox)
 
     def fail_all(self, reason: str = "error") -> None:
         """Finish every live request (used by a server when a step raised), freeing all blocks."""
         with self.lock:
+            self._drain_inbox()
             for req in list(self.running) + list(self.waiting):
                 self._finish(req, reason)
             self._aborts.clear()
+
+    def _drain_inbox(self) -> set[int]:
+        with self._inbox_lock:
+            self.waiting.extend(self._inbox)
+            self._inbox.clear()
+            aborts, self._aborts = self._aborts, set()
+        return aborts
 
     # -- scheduling ---------------------------------------------------------------------------
     @torch.no_grad()
@@ -171,12 +187,11 @@ class Engine:
         """One scheduling step; returns the requests that finished in it."""
         with self.lock:
             done: list[Request] = []
-            for rid in list(self._aborts):
+            for rid in self._drain_inbox():
                 req = self.requests.get(rid)
                 if req is not None and not req.finished:
                     self._finish(req, "abort")
                     done.append(req)
-            self._aborts.clear()
             # admit (FIFO: a request that doesn't fit blocks those behind it, so none starves)
             while self.waiting and len(self.running) < self.max_batch_size:
                 req = self.waiting[0]

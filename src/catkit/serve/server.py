@@ -166,7 +166,7 @@ def create_app(engine: Engine, tokenizer, model_name: str):
 
     @app.get("/health")
     async def health():
-        return {"status": "ok", "running": len(engine.running), "waiting": len(engine.waiting),
+        return {"status": "ok", "running": len(engine.running), "waiting": engine.num_waiting,
                 "free_blocks": engine.cache.num_free}
 
     @app.get("/v1/models")
