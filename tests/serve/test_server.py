@@ -239,3 +239,21 @@ def test_engine_failure_does_not_hang(server, monkeypatch):
     monkeypatch.undo()
     r = httpx.post(url + "/v1/completions", json={"prompt": "x", "max_tokens": 4}, timeout=TIMEOUT)
     assert r.status_code == 200  # the engine thread survived
+
+
+def test_disconnect_non_streaming_frees_blocks(server, monkeypatch):
+    url, engine, _ = server
+    orig = engine.step
+
+    def slow_step():
+        time.sleep(0.02)
+        return orig()
+
+    monkeypatch.setattr(engine, "step", slow_step)
+    with pytest.raises(httpx.ReadTimeout):  # the client gives up long before 240 slow tokens
+        httpx.post(url + "/v1/completions", json={"prompt": "long", "max_tokens": 240, "temperature": 0},
+                   timeout=httpx.Timeout(20.0, read=0.5))
+    rid = max(engine.requests)
+    assert _wait_idle(engine, 5.0), "blocks were not freed after the client went away"
+    req = engine.requests[rid]
+    assert req.finish_reason == "abort" and len(req.output) < 240

@@ -212,11 +212,26 @@ def create_app(engine: Engine, tokenizer, model_name: str):
             return {"id": cid, "object": "text_completion", "created": created, "model": model_name,
                     "choices": [{"text": delta, "index": 0, "logprobs": None, "finish_reason": reason}]}
 
-        async def tokens():
-            """Text deltas until the request ends or a stop string shows up; aborts on early exit."""
+        async def tokens(poll_disconnect: bool = False):
+            """Text deltas until the request ends or a stop string shows up; aborts on early exit.
+
+            Streaming responses are cancelled by Starlette when the client leaves; a plain response
+            polls ``is_disconnected`` while it waits, so an abandoned request stops too.
+            """
+            next_poll = time.monotonic() + 0.25
             try:
                 while True:
-                    token = await queue.get()
+                    if poll_disconnect:
+                        if time.monotonic() >= next_poll:  # by the clock: tokens may never pause
+                            next_poll = time.monotonic() + 0.25
+                            if await request.is_disconnected():
+                                return
+                        try:
+                            token = await asyncio.wait_for(queue.get(), 0.25)
+                        except asyncio.TimeoutError:
+                            continue
+                    else:
+                        token = await queue.get()
                     delta = text.push(token)
                     if text.stopped and not req.finished:
                         engine.abort(rid)
@@ -241,7 +256,7 @@ def create_app(engine: Engine, tokenizer, model_name: str):
 
             return StreamingResponse(sse(), media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache"})
-        parts = [d async for d in tokens()]
+        parts = [d async for d in tokens(poll_disconnect=True)]
         if req.finish_reason == "error":
             return error("engine: the request failed", 500)
         out = chunk("".join(parts), finish_reason())
