@@ -86,6 +86,16 @@ def test_greedy_independent_draft_and_perfect_draft(seed):
     assert stats["accepted"] == stats["drafted"] and stats["steps"] == 6
 
 
+def test_greedy_batched_equals_target_generate(seed):
+    target = make_target()
+    draft = noisy_copy(target, 0.1)
+    prompt = torch.randint(0, 48, (5, 8))
+    ref = target.generate(prompt, 30)
+    ids, stats = speculative_generate(target, draft, prompt, 30, gamma=3)
+    assert torch.equal(ids, ref)
+    assert stats["row_accepted"] >= stats["accepted"] * 5
+
+
 def test_greedy_accept_rule():
     tgt = torch.tensor([[1, 2, 3, 4], [1, 9, 3, 4], [7, 2, 3, 4]])
     drafts = torch.tensor([[1, 2, 3], [1, 2, 3], [1, 2, 3]])
@@ -142,25 +152,24 @@ def test_wrong_acceptance_rules_are_caught():
     assert chi2_pvalue(torch.bincount(wrong, minlength=vocab), p[0, 0]) < 1e-6
 
 
-def test_sampled_generation_first_token_distribution():
-    """End to end: the first token of speculative_generate follows the target's sampler exactly."""
-    torch.manual_seed(7)
+def test_sampled_batched_generation_token_distribution():
+    """Batched end to end: rows advance by the shortest accept, and tokens still follow the target."""
+    torch.manual_seed(8)
     vocab = 8
     target = make_target(vocab=vocab)
     draft = noisy_copy(target, 1.0)
-    prompt = torch.tensor([[3, 1, 4, 1, 5]])
-    temp, top_k = 0.8, 6
-    p = filter_logits(target(prompt).logits[0, -1:].detach().float() / temp, top_k, None).softmax(-1)[0]
-    gen = torch.Generator().manual_seed(5)
-    firsts, accepted = [], 0
-    for _ in range(1200):
-        ids, stats = speculative_generate(target, draft, prompt, 3, gamma=2, temperature=temp, top_k=top_k,
-                                          generator=gen)
-        firsts.append(int(ids[0, 5]))
-        accepted += stats["accepted"]
-    counts = torch.bincount(torch.tensor(firsts), minlength=vocab)
-    assert chi2_pvalue(counts, p) > 1e-4
-    assert 0 < accepted < 1200 * 2  # both acceptance and rejection happened
+    prompt = torch.tensor([[2, 7, 1, 6]]).expand(3000, 4)
+    temp = 0.9
+    gen = torch.Generator().manual_seed(6)
+    ids, stats = speculative_generate(target, draft, prompt, 3, gamma=2, temperature=temp, generator=gen)
+    p0 = (target(prompt[:1]).logits[0, -1].detach().float() / temp).softmax(-1)
+    assert chi2_pvalue(torch.bincount(ids[:, 4], minlength=vocab), p0) > 1e-4
+    # the second token given the most frequent first token
+    tok = int(torch.bincount(ids[:, 4]).argmax())
+    rows = ids[:, 4] == tok
+    p1 = (target(torch.cat([prompt[:1], torch.tensor([[tok]])], 1)).logits[0, -1].detach().float() / temp).softmax(-1)
+    assert chi2_pvalue(torch.bincount(ids[rows, 5], minlength=vocab), p1) > 1e-4
+    assert 0 < stats["row_accepted"] and stats["accepted"] < stats["drafted"]
 
 
 # ---------------------------------------------------------------- rollback
@@ -176,7 +185,7 @@ def _cache_equal(caches, fresh, length):
 @pytest.mark.parametrize("temperature", [0.0, 1.0])
 def test_rollback_leaves_caches_like_fresh_prefill(seed, temperature):
     target = make_target()
-    prompt = torch.randint(0, 48, (1, 9))
+    prompt = torch.randint(0, 48, (2, 9))  # two rows: rollback to the shorter accept
     for noise in (0.1, 0.05, 0.2, 0.3):  # a draft that gets some, not all, tokens accepted
         draft = noisy_copy(target, noise)
         dec = SpeculativeDecoder(target, draft, gamma=4, temperature=temperature,
@@ -186,13 +195,13 @@ def test_rollback_leaves_caches_like_fresh_prefill(seed, temperature):
             break
     assert 0 < dec.stats.accepted < dec.stats.drafted  # rejections happened, so rollbacks did
     n = ids.shape[1] - 1
-    fresh = target.new_caches(1, 64)
+    fresh = target.new_caches(2, 64)
     target(ids[:, :n], caches=fresh)
     _cache_equal(dec.target_caches, fresh, n)
     m = dec.draft_caches[0].length
     # everything but the last token; one less after a fully accepted round, two if a final no-draft round followed
     assert n - 2 <= m <= n
-    fresh_d = draft.new_caches(1, 64)
+    fresh_d = draft.new_caches(2, 64)
     draft(ids[:, :m], caches=fresh_d)
     _cache_equal(dec.draft_caches, fresh_d, m)
     # stale entries past `length` are never read: poison them and continue decoding
@@ -392,7 +401,7 @@ def test_bad_inputs():
     with pytest.raises(ValueError, match="temperature"):
         speculative_generate(target, target, prompt, 4, temperature=-1)
     with pytest.raises(ValueError, match="prompt_ids"):
-        speculative_generate(target, target, prompt.expand(2, 5), 4)
+        speculative_generate(target, target, prompt[0], 4)
     with pytest.raises(ValueError, match="prompt_ids"):
         speculative_generate(target, target, prompt + 100, 4)
     with pytest.raises(ValueError, match="max_new_tokens"):

@@ -21,8 +21,13 @@ The verify pass is either the target's own forward (``verify="dense"``, lossless
 verifier of :mod:`catkit.serve.sparse_verify` (``verify="sparse"``: NOT lossless, it changes the
 verifier; report its quality cost next to its speed).
 
-Scope: dense-attention layers (letter ``A``) only and batch size 1 (all rows of a ``KVCache``
-share one length, and rows accept different numbers of tokens).
+Batches: all rows of a ``KVCache`` share one length, so a round advances every row by the SMALLEST
+accepted count ``c`` over the rows; a row that accepted more emits its (accepted) draft token at
+position ``c``. Still lossless: the cut depends only on the other rows' independent randomness and
+on this row's own rejection point, and every emitted token is an accepted draft or the
+residual/bonus sample at that position. Equal-length prompts only.
+
+Scope: dense-attention layers (letter ``A``) only.
 """
 
 from __future__ import annotations
@@ -122,7 +127,8 @@ class SpecStats:
     target_calls: int = 0  # target forward passes, prefill included
     draft_calls: int = 0  # draft forward passes, prefill included
     drafted: int = 0  # draft tokens proposed
-    accepted: int = 0  # draft tokens accepted
+    accepted: int = 0  # draft tokens accepted (per round: the smallest count over the batch rows)
+    row_accepted: int = 0  # draft tokens each row's own verification accepted, summed over rows
     generated: int = 0  # tokens emitted
     draft_time: float = 0.0
     verify_time: float = 0.0
@@ -142,14 +148,14 @@ class SpecStats:
         return {"steps": self.steps, "target_calls": self.target_calls, "draft_calls": self.draft_calls,
                 "drafted": self.drafted, "accepted": self.accepted, "generated": self.generated,
                 "mean_accepted": self.mean_accepted, "mean_acceptance_length": self.mean_acceptance_length,
-                "acceptance_rate": self.accepted / max(self.drafted, 1),
+                "acceptance_rate": self.accepted / max(self.drafted, 1), "row_accepted": self.row_accepted,
                 "draft_time": self.draft_time, "verify_time": self.verify_time}
 
 
 class SpeculativeDecoder:
     """One speculative generation with its caches kept as attributes (for tests and the engine).
 
-    After :meth:`generate` returns ``ids`` ([1, T]): ``target_caches`` hold exactly the first
+    After :meth:`generate` returns ``ids`` ([B, T]): ``target_caches`` hold exactly the first
     ``T - 1`` positions and ``draft_caches`` a prefix of them (the last token is the next input).
     """
 
@@ -213,8 +219,6 @@ class SpeculativeDecoder:
         if not isinstance(prompt_ids, torch.Tensor) or prompt_ids.ndim != 2 or prompt_ids.shape[1] == 0:
             raise ValueError(f"prompt_ids: expected a non-empty [B, T] tensor, got "
                              f"{getattr(prompt_ids, 'shape', type(prompt_ids).__name__)}")
-        if prompt_ids.shape[0] != 1:
-            raise ValueError(f"prompt_ids: batch size 1 only for now, got {prompt_ids.shape[0]} rows")
         if prompt_ids.min() < 0 or prompt_ids.max() >= self.target.cfg.vocab_size:
             raise ValueError(f"prompt_ids: ids must be in [0, {self.target.cfg.vocab_size})")
         if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
@@ -227,8 +231,9 @@ class SpeculativeDecoder:
         st = self.stats = SpecStats()
         self.sparse_stats.clear()
         # Rounds never draft past max_new_tokens, so caches of `total` positions always suffice.
-        self.target_caches = self.target.new_caches(1, total)
-        self.draft_caches = self.draft.new_caches(1, total)
+        rows = prompt_ids.shape[0]
+        self.target_caches = self.target.new_caches(rows, total)
+        self.draft_caches = self.draft.new_caches(rows, total)
         seq = prompt_ids
         if max_new_tokens == 0:
             return seq
@@ -245,18 +250,21 @@ class SpeculativeDecoder:
         while st.generated < max_new_tokens:
             gamma = min(self.gamma, max_new_tokens - st.generated - 1)
             t0 = time.perf_counter()
-            drafts, q = self._draft(seq, gamma) if gamma else (seq.new_zeros(1, 0), None)
+            drafts, q = self._draft(seq, gamma) if gamma else (seq.new_zeros(rows, 0), None)
             t1 = time.perf_counter()
             base = seq.shape[1] - 1  # target cache length before this round
             logits = self._target_forward(torch.cat([seq[:, -1:], drafts], 1)).float()
             if self.temperature == 0:
                 n, nxt = greedy_accept(logits.argmax(-1), drafts)
             else:
-                q = q if q is not None else logits.new_zeros(1, 0, logits.shape[-1])
+                q = q if q is not None else logits.new_zeros(rows, 0, logits.shape[-1])
                 n, nxt = rejection_accept(self._probs(logits), q, drafts, self.generator)
             st.verify_time += time.perf_counter() - t1
             st.draft_time += t1 - t0
-            n_acc = int(n[0])
+            n_acc = int(n.min())  # rows share one cache length: advance all by the shortest accept
+            if n_acc < gamma:  # rows that accepted more emit their accepted draft at position n_acc
+                nxt = torch.where(n == n_acc, nxt, drafts[:, n_acc])
+            st.row_accepted += int(n.sum())
             seq = torch.cat([seq, drafts[:, :n_acc], nxt[:, None]], 1)
             # Keep the last accepted input token and the accepted drafts; drop the rejected ones.
             rollback(self.target_caches, base + 1 + n_acc)
@@ -278,7 +286,8 @@ def speculative_generate(target, draft, prompt_ids: torch.Tensor, max_new_tokens
 
     Args:
         target, draft: ``CatModel`` s of dense attention layers with the same vocabulary.
-        prompt_ids: [1, T0] int64 (batch size 1 for now).
+        prompt_ids: [B, T0] int64 (equal-length prompts; a round advances all rows by the
+            smallest accepted count, see the module doc).
         max_new_tokens: exactly this many tokens are appended (no stop tokens).
         gamma: draft tokens per round (default 4).
         temperature, top_k, top_p, generator: as in ``CatModel.generate``; ``temperature == 0``
@@ -286,7 +295,7 @@ def speculative_generate(target, draft, prompt_ids: torch.Tensor, max_new_tokens
         verify: ``"dense"`` (lossless) or ``"sparse"`` (``catkit.serve.sparse_verify``; lossy).
         sparse_config: a ``SparseVerifyConfig`` for ``verify="sparse"`` (default: its defaults).
     Returns:
-        ids [1, T0 + max_new_tokens] and a stats dict (``mean_acceptance_length`` = tokens per
+        ids [B, T0 + max_new_tokens] and a stats dict (``mean_acceptance_length`` = tokens per
         verification round, ``mean_accepted``, ``target_calls``, ``draft_time``, ``verify_time``, ...;
         with sparse verify also ``sparse`` counters).
 
