@@ -220,18 +220,23 @@ class Engine:
         for r, s in zip(rids, starts):
             self.cache.ensure(r, s + 1)  # within the admission quota: cannot fail
         ids = torch.tensor([[r.output[-1]] for r in reqs], device=self.device)
-        logits = self._forward(ids, rids, starts)
+        logits = self._forward(ids, rids, starts)[:, -1]
+        # greedy rows: one argmax and one host sync for the whole batch
+        greedy = logits.float().argmax(-1).tolist()
         finished = []
         for b, req in enumerate(reqs):
-            self._emit(req, logits[b, -1])
+            self._emit(req, logits[b], greedy[b] if req.params.temperature == 0 else None)
             if req.finished:
                 finished.append(req)
         return finished
 
-    def _emit(self, req: Request, logits: torch.Tensor) -> None:
+    def _emit(self, req: Request, logits: torch.Tensor, token: int | None = None) -> None:
+        """Sample (unless ``token`` is given: the greedy pick), record, stream, and finish if done."""
         p = req.params
-        tok = int(sample_next(logits[None], temperature=p.temperature, top_k=p.top_k, top_p=p.top_p,
-                              generator=req.generator)[0])
+        if token is None:
+            token = int(sample_next(logits[None], temperature=p.temperature, top_k=p.top_k, top_p=p.top_p,
+                                    generator=req.generator)[0])
+        tok = token
         now = time.perf_counter()
         if req.stats.first_token_at is None:
             req.stats.first_token_at = now
