@@ -15,14 +15,14 @@ import torch
 from catkit.models.config import ModelConfig
 from catkit.models.model import CatModel
 from catkit.models.sampling import filter_logits
-from catkit.serve.sparse_verify import (SparseVerifyConfig, calibrate_moe_thresholds, select_prefix_blocks,
+from catkit.serve.sparse_verify import (SparseVerifyConfig, calibrate_anchor_layers, calibrate_moe_thresholds, select_prefix_blocks,
                                         sparse_verify_forward)
 from catkit.serve.speculative import (SpeculativeDecoder, greedy_accept, rejection_accept, rollback,
                                       speculative_generate)
 
 
-def make_target(vocab=48, n_experts=0, top_k=2, max_len=256, **kw):
-    cfg = ModelConfig(vocab_size=vocab, d_model=32, n_heads=4, n_kv_heads=2, pattern="AAA", max_seq_len=max_len,
+def make_target(vocab=48, n_experts=0, top_k=2, max_len=256, pattern="AAA", **kw):
+    cfg = ModelConfig(vocab_size=vocab, d_model=32, n_heads=4, n_kv_heads=2, pattern=pattern, max_seq_len=max_len,
                       init_std=0.15, tie_embeddings=False, n_experts=n_experts, moe_top_k=top_k, **kw)
     return CatModel(cfg).eval()
 
@@ -315,6 +315,26 @@ def test_sparse_attention_reads_only_selected_blocks(seed):
     assert (dense - out).abs().max() > 1e-3
 
 
+def test_calibrate_anchor_layers(seed):
+    target = make_target(pattern="AAAAA")
+    ids = torch.randint(0, 48, (2, 90))
+    cfg = SparseVerifyConfig(block_size=8, dense_below=8, rho=0.2)
+    assert calibrate_anchor_layers(target, ids, cfg, min_jaccard=0.0) == (0,)
+    assert calibrate_anchor_layers(target, ids, cfg, min_jaccard=1.01) == (0, 1, 2, 3, 4)
+    mid = calibrate_anchor_layers(target, ids, cfg, min_jaccard=0.5)
+    assert mid[0] == 0 and list(mid) == sorted(set(mid)) and mid[-1] < 5
+    stats = {"selections": []}
+    sparse_verify_forward(target, ids[:, 85:], _prefilled(target, ids[:, :85], rows=2), cfg, stats=stats)
+    assert len(stats["selections"]) == 5  # every layer is an anchor by default
+    stats = {"selections": []}
+    anchored = SparseVerifyConfig(block_size=8, dense_below=8, rho=0.2, anchor_layers=mid)
+    sparse_verify_forward(target, ids[:, 85:], _prefilled(target, ids[:, :85], rows=2), anchored, stats=stats)
+    assert len(stats["selections"]) == len(mid)
+    assert calibrate_anchor_layers(target, ids[:, :12], SparseVerifyConfig(dense_below=64)) == (0,)  # dense prefix
+    with pytest.raises(ValueError, match="n_verify"):
+        calibrate_anchor_layers(target, ids, cfg, n_verify=0)
+
+
 def test_sparse_ffn_skips_small_channels(seed):
     target = make_target()
     cfg = SparseVerifyConfig(attention=False, ffn_threshold=0.05)
@@ -338,8 +358,8 @@ def test_sparse_ffn_skips_small_channels(seed):
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
 
 
-def _prefilled(model, ids):
-    caches = model.new_caches(1, 64)
+def _prefilled(model, ids, rows=1):
+    caches = model.new_caches(rows, 100)
     model(ids, caches=caches)
     return caches
 

@@ -14,6 +14,7 @@ layer by layer from the layers' own weights, sparsified per component (each can 
   and reused by the following non-anchor layers.
 * FFN (SwiGLU): hidden channels whose activation magnitude is below ``ffn_threshold`` for EVERY
   verified position are skipped (union over the positions, so one dense matmul serves them all).
+  Anchors can be calibrated offline with :func:`calibrate_anchor_layers` (Jaccard overlap).
 * MoE: per token, up to ``moe_max_skip`` of its top-k experts (lowest weight first, never the top
   one) are skipped when their routing-weight ratio to the top expert is below the calibrated
   threshold for that rank (:func:`calibrate_moe_thresholds`: median ratios on calibration data);
@@ -28,7 +29,7 @@ gathered / kernel version must compute. With everything kept (``rho=1`` or a lar
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -138,6 +139,8 @@ def _attention(mixer, x, rope, cache, sel, cfg, is_anchor, stats):
         mask = torch.cat([prefix, causal[None, None].expand(b, hk, t, t)], -1)
         mask = mask.repeat_interleave(hq // hk, dim=1)  # enable_gqa maps q head h to kv head h // group
         kept = float(sel.float().sum(-1).mean())
+    if "selections" in stats and is_anchor:  # calibration asks for every anchor's selection
+        stats["selections"].append(sel)
     stats["attn_prefix_tokens"] = stats.get("attn_prefix_tokens", 0) + past
     stats["attn_kept_tokens"] = stats.get("attn_kept_tokens", 0) + kept
     o = F.scaled_dot_product_attention(q.transpose(1, 2), k_all.transpose(1, 2), v_all.transpose(1, 2),
@@ -246,3 +249,34 @@ def calibrate_moe_thresholds(model, input_ids: torch.Tensor) -> list[list[float]
         for h in hooks:
             h.remove()
     return ratios
+
+
+@torch.no_grad()
+def calibrate_anchor_layers(model, input_ids: torch.Tensor, cfg: SparseVerifyConfig, *, n_verify: int = 5,
+                            min_jaccard: float = 0.5) -> tuple[int, ...]:
+    """Choose anchor layers offline: a layer becomes an anchor where selections stop overlapping.
+
+    ``input_ids`` [B, T]: the first ``T - n_verify`` tokens are prefilled, the last ``n_verify``
+    are verified with a selection computed at EVERY layer. Walking up the layers, layer ``i``
+    becomes an anchor when the Jaccard overlap (kept positions, over rows and KV heads) between its
+    own selection and the one it would reuse (the latest anchor's) is below ``min_jaccard``.
+    Returns sorted layer indices starting with 0 (just ``(0,)`` when the prefix is read densely).
+    """
+    if not 0 < n_verify < input_ids.shape[1]:
+        raise ValueError(f"n_verify: expected in [1, {input_ids.shape[1]}), got {n_verify}")
+    b, t = input_ids.shape
+    caches = model.new_caches(b, t)
+    model(input_ids[:, :-n_verify], caches=caches)
+    stats = {"selections": []}
+    sparse_verify_forward(model, input_ids[:, -n_verify:], caches, replace(cfg, anchor_layers=None), stats=stats)
+    sels = stats["selections"]
+    if any(sel is None for sel in sels):
+        return (0,)
+    anchors, ref = [0], sels[0]
+    for i in range(1, len(sels)):
+        inter = (sels[i] & ref).sum().item()
+        union = (sels[i] | ref).sum().item()
+        if union and inter / union < min_jaccard:
+            anchors.append(i)
+            ref = sels[i]
+    return tuple(anchors)
