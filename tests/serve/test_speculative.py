@@ -21,8 +21,8 @@ from catkit.serve.speculative import (SpeculativeDecoder, greedy_accept, rejecti
                                       speculative_generate)
 
 
-def make_target(vocab=48, n_experts=0, top_k=2, max_len=256, pattern="AAA", **kw):
-    cfg = ModelConfig(vocab_size=vocab, d_model=32, n_heads=4, n_kv_heads=2, pattern=pattern, max_seq_len=max_len,
+def make_target(vocab=48, n_experts=0, top_k=2, max_len=256, pattern="AAA", n_kv_heads=2, **kw):
+    cfg = ModelConfig(vocab_size=vocab, d_model=32, n_heads=4, n_kv_heads=n_kv_heads, pattern=pattern, max_seq_len=max_len,
                       init_std=0.15, tie_embeddings=False, n_experts=n_experts, moe_top_k=top_k, **kw)
     return CatModel(cfg).eval()
 
@@ -284,6 +284,19 @@ def test_block_selection(seed):
     assert select_prefix_blocks(q0, k, SparseVerifyConfig(block_size=8, attention=False)) is None
 
 
+@pytest.mark.parametrize("n_kv_heads", [1, 2, 4])
+def test_gathered_attention_equals_masked(seed, n_kv_heads):
+    target = make_target(n_kv_heads=n_kv_heads)
+    ids = torch.randint(0, 48, (2, 101))  # 97 prefix tokens: a partial last block
+    outs = []
+    for gather in (True, False):
+        cfg = SparseVerifyConfig(block_size=8, dense_below=8, rho=0.25, anchor_layers=(0, 2), gather=gather)
+        stats = {}
+        outs.append(sparse_verify_forward(target, ids[:, 97:], _prefilled(target, ids[:, :97], rows=2), cfg, stats))
+        assert 0 < stats["attn_kept_tokens"] < stats["attn_prefix_tokens"]
+    torch.testing.assert_close(outs[0], outs[1], rtol=1e-5, atol=1e-5)
+
+
 def test_sparse_attention_reads_only_selected_blocks(seed):
     """Changing keys/values in dropped blocks leaves the verify output unchanged; kept blocks matter."""
     target = make_target()
@@ -359,7 +372,7 @@ def test_sparse_ffn_skips_small_channels(seed):
 
 
 def _prefilled(model, ids, rows=1):
-    caches = model.new_caches(rows, 100)
+    caches = model.new_caches(rows, 128)
     model(ids, caches=caches)
     return caches
 

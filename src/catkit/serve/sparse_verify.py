@@ -20,9 +20,10 @@ layer by layer from the layers' own weights, sparsified per component (each can 
   threshold for that rank (:func:`calibrate_moe_thresholds`: median ratios on calibration data);
   the kept weights are renormalised.
 
-This is a reference implementation in plain PyTorch: attention is masked SDPA over the whole
-cache and skipped experts get weight zero, so on its own it saves no time; it defines what a
-gathered / kernel version must compute. With everything kept (``rho=1`` or a large
+Plain PyTorch: attention gathers the selected blocks' keys/values (``gather=True``) and runs SDPA
+on them (``gather=False`` reads the whole cache under a mask: the reference); skipped FFN channels
+are sliced out of the down projection; skipped experts only get weight zero (no compute saved
+yet). A Triton kernel reading the blocks in place is future work. With everything kept (``rho=1`` or a large
 ``dense_below``, ``ffn_threshold=0``, ``moe_max_skip=0``) it equals the dense verify pass.
 """
 
@@ -45,6 +46,7 @@ class SparseVerifyConfig:
 
     Attributes:
         attention: sparsify attention over the cached prefix.
+        gather: read only the selected blocks (gathered); False = full cache under a mask (reference).
         block_size: tokens per KV block (default 64).
         dense_below: L0; prefixes of at most this many tokens are read densely (default 4096).
         rho: fraction of the tokens beyond L0 kept (budget ``L0 + rho * (P - L0)`` tokens).
@@ -59,6 +61,7 @@ class SparseVerifyConfig:
     """
 
     attention: bool = True
+    gather: bool = True
     block_size: int = 64
     dense_below: int = 4096
     rho: float = 0.1
@@ -89,11 +92,12 @@ class SparseVerifyConfig:
         return layer == 0 or self.anchor_layers is None or layer in self.anchor_layers
 
 
-def select_prefix_blocks(q0: torch.Tensor, k_prefix: torch.Tensor, cfg: SparseVerifyConfig):
-    """Which prefix keys the verified chunk reads: bool ``[B, H_kv, P]``, or ``None`` for all.
+def select_block_ids(q0: torch.Tensor, k_prefix: torch.Tensor, cfg: SparseVerifyConfig):
+    """Top prefix blocks per KV head: int64 ``[B, H_kv, n_keep]`` (sorted), or ``None`` = read all.
 
     q0: [B, H, D] query of the first verified position (RoPE applied); k_prefix: [B, P, H_kv, D].
-    Block score = mean over the group's query heads of ``q0 . mean_key(block)``.
+    Block score = mean over the group's query heads of ``q0 . mean_key(block)``; the first and the
+    last block always win. Budget: ``ceil((L0 + rho * (P - L0)) / block_size)`` blocks (>= 2).
     """
     b, p, hk, d = k_prefix.shape
     bs = cfg.block_size
@@ -114,37 +118,67 @@ def select_prefix_blocks(q0: torch.Tensor, k_prefix: torch.Tensor, cfg: SparseVe
     score = torch.einsum("bhgd,bnhd->bhn", qg, mean_k) / g  # [B, Hk, nb]
     score[..., 0] = float("inf")  # the sink and the last (most recent) block are always kept
     score[..., -1] = float("inf")
-    top = score.topk(keep_blocks, dim=-1).indices
-    block_keep = torch.zeros(b, hk, nb, dtype=torch.bool, device=k_prefix.device).scatter_(-1, top, True)
+    return score.topk(keep_blocks, dim=-1).indices.sort(-1).values
+
+
+def _ids_to_mask(ids: torch.Tensor, p: int, bs: int) -> torch.Tensor:
+    b, hk, _ = ids.shape
+    nb = -(-p // bs)
+    block_keep = torch.zeros(b, hk, nb, dtype=torch.bool, device=ids.device).scatter_(-1, ids, True)
     return block_keep.repeat_interleave(bs, dim=-1)[..., :p]
 
 
+def select_prefix_blocks(q0: torch.Tensor, k_prefix: torch.Tensor, cfg: SparseVerifyConfig):
+    """Which prefix keys the verified chunk reads: bool ``[B, H_kv, P]``, or ``None`` for all.
+
+    The mask form of :func:`select_block_ids` (same arguments).
+    """
+    ids = select_block_ids(q0, k_prefix, cfg)
+    return None if ids is None else _ids_to_mask(ids, k_prefix.shape[1], cfg.block_size)
+
+
 def _attention(mixer, x, rope, cache, sel, cfg, is_anchor, stats):
-    """One dense-attention layer on the verified chunk with the prefix selection; returns (out, sel)."""
+    """One dense-attention layer on the verified chunk with the prefix selection; returns (out, sel).
+
+    ``sel``: block ids from :func:`select_block_ids` (or ``None``). With ``cfg.gather`` only the
+    selected blocks' keys/values are gathered (what a fast path reads); otherwise the full cache
+    is read under a mask (the reference; both give the same result).
+    """
     b, t, _ = x.shape
     hq, hk, d = mixer.n_heads, mixer.n_kv_heads, mixer.head_dim
+    bs = cfg.block_size
     q, k, v = mixer.qkv(x).view(b, t, hq + 2 * hk, d).split([hq, hk, hk], dim=2)
     q, k = apply_rope(q, *rope), apply_rope(k, *rope)
     past = cache.length
     k_all, v_all = cache.append(k, v)  # [B, past + t, Hk, D]
     if is_anchor:
-        sel = select_prefix_blocks(q[:, 0], k_all[:, :past], cfg)
+        sel = select_block_ids(q[:, 0], k_all[:, :past], cfg)
+    if "selections" in stats and is_anchor:  # calibration asks for every anchor's selection
+        stats["selections"].append(None if sel is None else _ids_to_mask(sel, past, bs))
     # chunk part: causal among the verified positions; prefix part: the (shared) selection
     causal = torch.ones(t, t, dtype=torch.bool, device=x.device).tril()
+    keys, values = k_all.transpose(1, 2), v_all.transpose(1, 2)  # [B, Hk, S, D]
     if sel is None:
         mask = torch.cat([torch.ones(t, past, dtype=torch.bool, device=x.device), causal], 1)[None, None]
         kept = past
-    else:
-        prefix = sel[:, :, None, :].expand(b, hk, t, past)
-        mask = torch.cat([prefix, causal[None, None].expand(b, hk, t, t)], -1)
+    elif cfg.gather:
+        pos = (sel[..., None] * bs + torch.arange(bs, device=x.device)).flatten(-2)  # [B, Hk, n_keep * bs]
+        valid = pos < past  # the last block may be partial
+        idx = pos.clamp_max(past - 1)[..., None].expand(-1, -1, -1, d)
+        keys = torch.cat([keys.gather(2, idx), keys[:, :, past:]], 2)
+        values = torch.cat([values.gather(2, idx), values[:, :, past:]], 2)
+        mask = torch.cat([valid[:, :, None, :].expand(b, hk, t, pos.shape[-1]),
+                          causal[None, None].expand(b, hk, t, t)], -1)
         mask = mask.repeat_interleave(hq // hk, dim=1)  # enable_gqa maps q head h to kv head h // group
-        kept = float(sel.float().sum(-1).mean())
-    if "selections" in stats and is_anchor:  # calibration asks for every anchor's selection
-        stats["selections"].append(sel)
+        kept = float(valid.float().sum(-1).mean())
+    else:
+        prefix = _ids_to_mask(sel, past, bs)
+        mask = torch.cat([prefix[:, :, None, :].expand(b, hk, t, past), causal[None, None].expand(b, hk, t, t)], -1)
+        mask = mask.repeat_interleave(hq // hk, dim=1)
+        kept = float(prefix.float().sum(-1).mean())
     stats["attn_prefix_tokens"] = stats.get("attn_prefix_tokens", 0) + past
     stats["attn_kept_tokens"] = stats.get("attn_kept_tokens", 0) + kept
-    o = F.scaled_dot_product_attention(q.transpose(1, 2), k_all.transpose(1, 2), v_all.transpose(1, 2),
-                                       attn_mask=mask, enable_gqa=hq != hk)
+    o = F.scaled_dot_product_attention(q.transpose(1, 2), keys, values, attn_mask=mask, enable_gqa=hq != hk)
     return mixer.out(o.transpose(1, 2).reshape(b, t, hq * d)), sel
 
 
