@@ -297,6 +297,22 @@ def test_gathered_attention_equals_masked(seed, n_kv_heads):
     torch.testing.assert_close(outs[0], outs[1], rtol=1e-5, atol=1e-5)
 
 
+def test_cached_block_summaries_equal_recomputed(seed):
+    target, draft = _pair()
+    prompt = torch.randint(0, 48, (2, 45))
+    outs = []
+    for cached in (True, False):
+        cfg = SparseVerifyConfig(block_size=8, dense_below=8, rho=0.3, cache_summaries=cached)
+        stats = {"selections": []}
+        dec = SpeculativeDecoder(target, draft, gamma=3, verify="sparse", sparse_config=cfg)
+        dec.sparse_stats = stats
+        outs.append((dec.generate(prompt, 40), stats["selections"]))
+    assert torch.equal(outs[0][0], outs[1][0])
+    assert len(outs[0][1]) == len(outs[1][1]) > 0
+    for a, b in zip(outs[0][1], outs[1][1]):
+        assert torch.equal(a, b)
+
+
 def test_sparse_attention_reads_only_selected_blocks(seed):
     """Changing keys/values in dropped blocks leaves the verify output unchanged; kept blocks matter."""
     target = make_target()

@@ -30,6 +30,7 @@ yet). A Triton kernel reading the blocks in place is future work. With everythin
 from __future__ import annotations
 
 import math
+import weakref
 from dataclasses import dataclass, replace
 
 import torch
@@ -47,6 +48,7 @@ class SparseVerifyConfig:
     Attributes:
         attention: sparsify attention over the cached prefix.
         gather: read only the selected blocks (gathered); False = full cache under a mask (reference).
+        cache_summaries: keep per-block key sums across calls (else recomputed from all keys).
         block_size: tokens per KV block (default 64).
         dense_below: L0; prefixes of at most this many tokens are read densely (default 4096).
         rho: fraction of the tokens beyond L0 kept (budget ``L0 + rho * (P - L0)`` tokens).
@@ -62,6 +64,7 @@ class SparseVerifyConfig:
 
     attention: bool = True
     gather: bool = True
+    cache_summaries: bool = True
     block_size: int = 64
     dense_below: int = 4096
     rho: float = 0.1
@@ -92,12 +95,43 @@ class SparseVerifyConfig:
         return layer == 0 or self.anchor_layers is None or layer in self.anchor_layers
 
 
-def select_block_ids(q0: torch.Tensor, k_prefix: torch.Tensor, cfg: SparseVerifyConfig):
+# KVCache -> [block_size, n_blocks_summed, key sums fp32 [B, max_blocks, Hk, D]]. Full blocks of a
+# verify call's prefix are never rewritten afterwards (speculative rollback never goes below the
+# prefix of a verify call), so their key sums are computed once; a shorter prefix than what was
+# summed (a cache reused from scratch) resets the entry.
+_SUMMARIES: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def _block_sums(k_prefix: torch.Tensor, bs: int, cache=None) -> torch.Tensor:
+    """Per-block key sums ``[B, ceil(P / bs), Hk, D]`` (fp32), reusing ``cache``'s summed full blocks."""
+    b, p, hk, d = k_prefix.shape
+    nb, full = -(-p // bs), p // bs
+    if cache is None:
+        kp = F.pad(k_prefix.float(), (0, 0, 0, 0, 0, nb * bs - p)).view(b, nb, bs, hk, d)
+        return kp.sum(2)
+    entry = _SUMMARIES.get(cache)
+    max_blocks = -(-cache.max_len // bs)
+    if entry is None or entry[0] != bs or entry[1] * bs > p or entry[2].shape[0] != b:
+        entry = [bs, 0, torch.zeros(b, max_blocks, hk, d, dtype=torch.float32, device=k_prefix.device)]
+        _SUMMARIES[cache] = entry
+    done = entry[1]
+    if full > done:  # sum the newly completed blocks once
+        entry[2][:, done:full] = k_prefix[:, done * bs : full * bs].float().view(b, full - done, bs, hk, d).sum(2)
+        entry[1] = full
+    sums = entry[2][:, :nb].clone()
+    if nb > full:  # the partial last block changes every call: sum it fresh
+        sums[:, full] = k_prefix[:, full * bs :].float().sum(1)
+    return sums
+
+
+def select_block_ids(q0: torch.Tensor, k_prefix: torch.Tensor, cfg: SparseVerifyConfig, cache=None):
     """Top prefix blocks per KV head: int64 ``[B, H_kv, n_keep]`` (sorted), or ``None`` = read all.
 
     q0: [B, H, D] query of the first verified position (RoPE applied); k_prefix: [B, P, H_kv, D].
     Block score = mean over the group's query heads of ``q0 . mean_key(block)``; the first and the
     last block always win. Budget: ``ceil((L0 + rho * (P - L0)) / block_size)`` blocks (>= 2).
+    ``cache`` (the layer's ``KVCache``): keep per-block key sums across calls so a call reads
+    only the new blocks' keys (scoring then costs O(P / block_size), not O(P)).
     """
     b, p, hk, d = k_prefix.shape
     bs = cfg.block_size
@@ -108,11 +142,10 @@ def select_block_ids(q0: torch.Tensor, k_prefix: torch.Tensor, cfg: SparseVerify
     keep_blocks = max(keep_blocks, min(2, nb))
     if keep_blocks >= nb:
         return None
-    pad = nb * bs - p
-    kp = F.pad(k_prefix.float(), (0, 0, 0, 0, 0, pad)).view(b, nb, bs, hk, d)
+    sums = _block_sums(k_prefix, bs, cache)  # [B, nb, Hk, D] fp32
     counts = torch.full((nb,), float(bs), device=k_prefix.device)
-    counts[-1] = bs - pad
-    mean_k = kp.sum(2) / counts[None, :, None, None]  # [B, nb, Hk, D]; padding rows are zeros
+    counts[-1] = p - (nb - 1) * bs
+    mean_k = sums / counts[None, :, None, None]
     g = q0.shape[1] // hk
     qg = q0.float().view(b, hk, g, d)
     score = torch.einsum("bhgd,bnhd->bhn", qg, mean_k) / g  # [B, Hk, nb]
@@ -152,7 +185,7 @@ def _attention(mixer, x, rope, cache, sel, cfg, is_anchor, stats):
     past = cache.length
     k_all, v_all = cache.append(k, v)  # [B, past + t, Hk, D]
     if is_anchor:
-        sel = select_block_ids(q[:, 0], k_all[:, :past], cfg)
+        sel = select_block_ids(q[:, 0], k_all[:, :past], cfg, cache if cfg.cache_summaries else None)
     if "selections" in stats and is_anchor:  # calibration asks for every anchor's selection
         stats["selections"].append(None if sel is None else _ids_to_mask(sel, past, bs))
     # chunk part: causal among the verified positions; prefix part: the (shared) selection

@@ -229,7 +229,10 @@ class SpeculativeDecoder:
                 raise ValueError(f"max_new_tokens: prompt + new tokens = {total} exceeds the {name}'s "
                                  f"max_seq_len={m.cfg.max_seq_len}")
         st = self.stats = SpecStats()
+        wanted = self.sparse_stats.get("selections")  # a caller may ask to record the block selections
         self.sparse_stats.clear()
+        if wanted is not None:
+            self.sparse_stats["selections"] = wanted
         # Rounds never draft past max_new_tokens, so caches of `total` positions always suffice.
         rows = prompt_ids.shape[0]
         self.target_caches = self.target.new_caches(rows, total)
