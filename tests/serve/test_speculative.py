@@ -416,6 +416,13 @@ def test_sparse_moe_skip_to_top1_equals_top1_model(seed):
     sparse_verify_forward(target, ids[:, 20:], _prefilled(target, ids[:, :20]),
                           SparseVerifyConfig(attention=False, moe_max_skip=1, moe_ratio_thresholds=th), stats=stats)
     assert 0 < stats["moe_skipped"] < 4 * 3
+    # skipping nothing through the kept-assignment path (thresholds below every ratio) == dense
+    none_skip = SparseVerifyConfig(attention=False, moe_max_skip=2, moe_ratio_thresholds=0.0)
+    stats = {}
+    out = sparse_verify_forward(target, ids[:, 20:], _prefilled(target, ids[:, :20]), none_skip, stats=stats)
+    assert stats["moe_skipped"] == 0
+    ref = target(ids[:, 20:], caches=_prefilled(target, ids[:, :20])).logits
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
 
 
 def test_sparse_generation_runs_and_reports(seed):

@@ -18,12 +18,12 @@ layer by layer from the layers' own weights, sparsified per component (each can 
 * MoE: per token, up to ``moe_max_skip`` of its top-k experts (lowest weight first, never the top
   one) are skipped when their routing-weight ratio to the top expert is below the calibrated
   threshold for that rank (:func:`calibrate_moe_thresholds`: median ratios on calibration data);
-  the kept weights are renormalised.
+  the kept weights are renormalised and the skipped assignments are not computed.
 
 Plain PyTorch: attention gathers the selected blocks' keys/values (``gather=True``) and runs SDPA
 on them (``gather=False`` reads the whole cache under a mask: the reference); skipped FFN channels
-are sliced out of the down projection; skipped experts only get weight zero (no compute saved
-yet). A Triton kernel reading the blocks in place is future work. With everything kept (``rho=1`` or a large
+are sliced out of the down projection; skipped (token, expert) assignments are left out of the
+grouped expert matmuls. A Triton kernel reading the KV blocks in place is future work. With everything kept (``rho=1`` or a large
 ``dense_below``, ``ffn_threshold=0``, ``moe_max_skip=0``) it equals the dense verify pass.
 """
 
@@ -240,6 +240,26 @@ def _thresholds(cfg, top_k, device, layer):
     return torch.tensor([float("-inf")] + th, device=device)  # rank 0 is never skipped
 
 
+def _experts_kept(moe: MoE, x, weights, experts, keep):
+    """Grouped expert compute over the kept (token, expert) assignments only; x: [N, d], keep: [N, k].
+
+    Same grouping as ``MoE.expert_forward`` (sort by expert, padded ``[E, capacity, d]`` buffer,
+    two batched matmuls), but skipped assignments take no slot, so they cost no compute.
+    """
+    n, d = x.shape
+    tok, rank = keep.nonzero(as_tuple=True)
+    flat_expert = experts[tok, rank]
+    order = flat_expert.argsort(stable=True)
+    sorted_expert, tok, w = flat_expert[order], tok[order], weights[tok, rank][order]
+    counts = torch.bincount(flat_expert, minlength=moe.n_experts)
+    slot = torch.arange(order.numel(), device=x.device) - (counts.cumsum(0) - counts)[sorted_expert]
+    buf = x.new_zeros(moe.n_experts, int(counts.max()), d)
+    buf[sorted_expert, slot] = x[tok]
+    gate, up = torch.bmm(buf, moe.w_gate_up.to(x.dtype)).chunk(2, dim=-1)
+    out = torch.bmm(F.silu(gate) * up, moe.w_down.to(x.dtype))
+    return torch.zeros_like(x).index_add_(0, tok, out[sorted_expert, slot] * w[:, None].to(x.dtype))
+
+
 def _moe(moe: MoE, x, cfg, stats, layer):
     shape = x.shape
     x2 = x.reshape(-1, shape[-1])
@@ -256,7 +276,9 @@ def _moe(moe: MoE, x, cfg, stats, layer):
         weights = weights / weights.sum(-1, keepdim=True)
         stats["moe_assignments"] = stats.get("moe_assignments", 0) + skip.numel()
         stats["moe_skipped"] = stats.get("moe_skipped", 0) + int(skip.sum())
-    y = moe.expert_forward(x2, weights, experts)
+        y = _experts_kept(moe, x2, weights, experts, ~skip)
+    else:
+        y = moe.expert_forward(x2, weights, experts)
     if moe.shared is not None:
         y = y + moe.shared(x2)
     return y.view(shape)
