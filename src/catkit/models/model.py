@@ -113,7 +113,10 @@ class CatModel(nn.Module):
 
     def loss(self, input_ids, targets, *, cu_seqlens=None) -> tuple[torch.Tensor, dict]:
         """Cross-entropy (targets == -100 ignored) plus the weighted MoE balance loss."""
-        out = self.forward(input_ids, cu_seqlens=cu_seqlens)
+        return self.loss_from_output(self.forward(input_ids, cu_seqlens=cu_seqlens), targets)
+
+    def loss_from_output(self, out: ModelOutput, targets: torch.Tensor) -> tuple[torch.Tensor, dict]:
+        """``loss`` on an already computed forward (e.g. one run through a DDP wrapper)."""
         lm = F.cross_entropy(out.logits.float().flatten(0, 1), targets.flatten(), ignore_index=-100)
         total = lm + self.cfg.moe_aux_loss_coef * out.aux_loss
         return total, {"lm_loss": lm.detach(), "aux_loss": out.aux_loss.detach()}

@@ -18,7 +18,6 @@ fallback of the delta layers on CPU), a couple of minutes on 2 cores; numbers th
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import os
 import time
@@ -267,7 +266,10 @@ def _report(summary: dict, sc: StudyConfig, path: str) -> None:
 
 # ---------------------------------------------------------------------------------- the study
 def run_study(sc: StudyConfig, out_dir: str, *, quick: bool = False) -> dict:
-    """Train every model with every seed, score every setting, write report.md / results.json / PNG."""
+    """Train every model with every seed, score every setting, write report.md and the PNG.
+
+    ``catkit.reproduce.registry.run_reproduction`` writes the returned summary to results.json.
+    """
     try:
         from tqdm.auto import tqdm
     except ImportError:  # progress bars are a nicety
@@ -342,8 +344,6 @@ def run_study(sc: StudyConfig, out_dir: str, *, quick: bool = False) -> dict:
     }
     summary["seconds"] = time.perf_counter() - t_start
     _report(summary, sc, os.path.join(out_dir, "report.md"))
-    with open(os.path.join(out_dir, "results.json"), "w") as f:
-        json.dump(summary, f, indent=1)
     return summary
 
 

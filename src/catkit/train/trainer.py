@@ -163,12 +163,9 @@ class Trainer:
         return {"step": self.step, "loss": float(loss), "lr": lr, "grad_norm": float(grad_norm)}
 
     def _loss(self, model, inputs, targets):
-        if self.ddp is None:
-            return self.model.loss(inputs, targets)
-        # DDP must see the forward call to hook its gradient all-reduce
-        out = model(inputs)
-        lm = torch.nn.functional.cross_entropy(out.logits.float().flatten(0, 1), targets.flatten(), ignore_index=-100)
-        return lm + self.model_cfg.moe_aux_loss_coef * out.aux_loss, {"lm_loss": lm.detach()}
+        # the forward goes through ``model`` (the DDP wrapper when there is one) so DDP can hook
+        # its gradient all-reduce
+        return self.model.loss_from_output(model(inputs), targets)
 
     @torch.no_grad()
     def evaluate(self) -> float:
