@@ -266,3 +266,26 @@ def test_gpu_bf16_large_vs_fp32_reference(seed):
     xb = {n: (t.detach().bfloat16().float() if n != "s0" else t.detach()) for n, t in x.items()}
     report("bf16 kernel vs fp32 kernel B=4 T=4096:", run(xb, chunk_fg2_delta_rule, torch.bfloat16),
            run(xb, chunk_fg2_delta_rule, torch.float32), {"*": 3e-2, "dg": 6e-2})
+
+
+@pytest.mark.gpu
+def test_gpu_recurrent_decode_after_chunk_prefill(seed):
+    """On the device, H=16, K=V=128, bf16 inputs: chunk prefill of 4000 tokens, then 1 + 7 tokens
+    through the fused recurrent kernel, against one fp32 chunk pass over all 4008 tokens."""
+    x = _inputs(2, 4008, 16, 128, 128, device="cuda")
+    args = ("q", "k", "v", "g", "bk", "bv")
+    xb = {n: x[n].detach().bfloat16() for n in args}
+    with torch.no_grad():
+        o_ref, s_ref = chunk_fg2_delta_rule(*(xb[n].float() for n in args), initial_state=x["s0"].detach(),
+                                            output_final_state=True)
+        _, s = chunk_fg2_delta_rule(*(xb[n][:, :4000] for n in args), initial_state=x["s0"].detach(),
+                                    output_final_state=True)
+        o1, s = fused_recurrent_fg2_delta_rule(*(xb[n][:, 4000:4001] for n in args), initial_state=s,
+                                               output_final_state=True)
+        o2, s = fused_recurrent_fg2_delta_rule(*(xb[n][:, 4001:] for n in args), initial_state=s,
+                                               output_final_state=True)
+    e_o = rel_rms(torch.cat([o1, o2], 1).float(), o_ref[:, 4000:])
+    e_s = rel_rms(s, s_ref)
+    print(f"recurrent decode after bf16 chunk prefill: o={e_o:.2e} state={e_s:.2e}")
+    assert s.dtype == torch.float32
+    assert e_o < 3e-2 and e_s < 3e-2, (e_o, e_s)
