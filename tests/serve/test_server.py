@@ -14,7 +14,7 @@ import uvicorn
 from catkit.data import ByteTokenizer
 from catkit.models import CatModel, ModelConfig
 from catkit.serve import Engine
-from catkit.serve.server import _TextAssembler, create_app
+from catkit.serve.server import CHAT_STOP, BadRequest, _TextAssembler, apply_chat_template, create_app
 
 NAME = "tiny-test"
 BLOCKS = 64
@@ -257,3 +257,71 @@ def test_disconnect_non_streaming_frees_blocks(server, monkeypatch):
     assert _wait_idle(engine, 5.0), "blocks were not freed after the client went away"
     req = engine.requests[rid]
     assert req.finish_reason == "abort" and len(req.output) < 240
+
+
+# ---- /v1/chat/completions ----
+MSGS = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"}]
+
+
+def test_template():
+    assert apply_chat_template(MSGS) == "<|system|>\nbe brief\n<|user|>\nhi\n<|assistant|>\n"
+    parts = [{"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]}]
+    assert apply_chat_template(parts) == "<|user|>\nab\n<|assistant|>\n"
+    for bad in ([], "hi", [{"role": "bot", "content": "x"}], [{"role": "user"}], [3],
+                [{"role": "user", "content": [{"type": "image_url"}]}]):
+        with pytest.raises(BadRequest):
+            apply_chat_template(bad)
+
+
+def _expected(model, n):
+    full = _greedy_text(model, apply_chat_template(MSGS), n)
+    cut = full.find(CHAT_STOP.encode())
+    return (full if cut < 0 else full[:cut]).decode("utf-8", "replace"), cut >= 0
+
+
+def test_chat_greedy_and_stream(server):
+    url, engine, model = server
+    req = {"model": NAME, "messages": MSGS, "max_tokens": 20, "temperature": 0}
+    r = httpx.post(url + "/v1/chat/completions", json=req, timeout=TIMEOUT)
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["object"] == "chat.completion" and body["id"].startswith("chatcmpl-")
+    choice = body["choices"][0]
+    text, stopped = _expected(model, 20)
+    assert choice["message"] == {"role": "assistant", "content": text}
+    assert choice["finish_reason"] == ("stop" if stopped else "length")
+    n_prompt = len(apply_chat_template(MSGS).encode())
+    assert body["usage"]["prompt_tokens"] == n_prompt
+    # streaming: role first, then content deltas that add up to the same text, then finish + [DONE]
+    chunks = []
+    with httpx.stream("POST", url + "/v1/chat/completions", json={**req, "stream": True}, timeout=TIMEOUT) as s:
+        assert s.status_code == 200
+        for line in s.iter_lines():
+            if line.startswith("data: "):
+                chunks.append(line[6:])
+    assert chunks[-1] == "[DONE]"
+    objs = [json.loads(c) for c in chunks[:-1]]
+    assert all(o["object"] == "chat.completion.chunk" for o in objs)
+    assert objs[0]["choices"][0]["delta"]["role"] == "assistant"
+    assert "".join(o["choices"][0]["delta"].get("content", "") for o in objs) == text
+    assert objs[-1]["choices"][0]["finish_reason"] == choice["finish_reason"] and "usage" in objs[-1]
+    assert _wait_idle(engine)
+
+
+@pytest.mark.parametrize("body", [
+    {"max_tokens": 5},
+    {"messages": []},
+    {"messages": "hi"},
+    {"messages": [{"role": "wizard", "content": "x"}]},
+    {"messages": [{"role": "user", "content": 5}]},
+    {"messages": MSGS, "max_tokens": 0},
+    {"messages": MSGS, "temperature": -1},
+    {"messages": MSGS, "model": "gpt-17"},
+    {"messages": [{"role": "user", "content": "x" * 300}]},
+], ids=lambda b: json.dumps(b)[:40])
+def test_chat_bad_requests_are_400(server, body):
+    url, engine, _ = server
+    r = httpx.post(url + "/v1/chat/completions", json=body, timeout=TIMEOUT)
+    assert r.status_code == 400, r.text
+    assert r.json()["error"]["message"]
+    assert _wait_idle(engine, 1.0)

@@ -5,7 +5,8 @@ together. Handlers talk to it through the engine's lock-protected ``add_request`
 per-request token callbacks that hand tokens to the handler's asyncio queue.
 
 Endpoints: ``POST /v1/completions`` (model, prompt, max_tokens, temperature, top_p, top_k,
-seed, stop, stream), ``GET /v1/models``, ``GET /health``. Every bad request is an HTTP 400 with a
+seed, stop, stream), ``POST /v1/chat/completions`` (the same with ``messages`` instead of
+``prompt``; see :func:`apply_chat_template`), ``GET /v1/models``, ``GET /health``. Every bad request is an HTTP 400 with a
 message; a client that disconnects mid-stream has its request aborted and its KV blocks freed.
 """
 
@@ -62,21 +63,16 @@ def _opt_number(body, name, kind, default):
     return val
 
 
-def parse_completion(body, engine: Engine, tokenizer, model_name: str):
-    """Validate a /v1/completions body; returns (prompt ids, SamplingParams, stop strings, stream)."""
+def _check_model(body, model_name: str) -> None:
     if not isinstance(body, dict):
         raise BadRequest("body: expected a JSON object")
     model = body.get("model", model_name)
     if model != model_name:
         raise BadRequest(f"model: unknown model {model!r}; this server has {model_name!r}")
-    if "prompt" not in body:
-        raise BadRequest("prompt: missing")
-    prompt = body["prompt"]
-    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
-        prompt = prompt[0]
-    if not isinstance(prompt, str):
-        raise BadRequest("prompt: expected a string")
-    ids = tokenizer.encode(prompt)
+
+
+def _parse_params(body, ids, engine: Engine, extra_stops=()):
+    """The sampling fields shared by both endpoints; returns (SamplingParams, stop bytes, stream)."""
     if not ids:
         raise BadRequest("prompt: empty")
     max_tokens = body.get("max_tokens", 16)
@@ -108,7 +104,65 @@ def parse_completion(body, engine: Engine, tokenizer, model_name: str):
         engine.check_request(ids, params)
     except ValueError as e:
         raise BadRequest(str(e)) from None
-    return ids, params, [s.encode("utf-8") for s in stop], stream
+    return params, [s.encode("utf-8") for s in list(stop) + list(extra_stops)], stream
+
+
+def parse_completion(body, engine: Engine, tokenizer, model_name: str):
+    """Validate a /v1/completions body; returns (prompt ids, SamplingParams, stop strings, stream)."""
+    _check_model(body, model_name)
+    if "prompt" not in body:
+        raise BadRequest("prompt: missing")
+    prompt = body["prompt"]
+    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
+        prompt = prompt[0]
+    if not isinstance(prompt, str):
+        raise BadRequest("prompt: expected a string")
+    ids = tokenizer.encode(prompt)
+    return (ids, *_parse_params(body, ids, engine))
+
+
+CHAT_ROLES = ("system", "user", "assistant")
+CHAT_STOP = "\n<|"  # the start of the next turn marker ends an assistant turn
+
+
+def apply_chat_template(messages) -> str:
+    """The chat template of catkit byte models: plain-text turn markers, one per message.
+
+    Each message becomes ``<|role|>\n{content}\n``; the prompt ends with ``<|assistant|>\n``
+    so the model writes the assistant's turn, which ends at the next ``\n<|`` (a stop string the
+    server always adds). ``messages``: a non-empty list of ``{"role": "system" | "user" |
+    "assistant", "content": str}``. Example::
+
+        apply_chat_template([{"role": "user", "content": "hi"}])
+        # '<|user|>\nhi\n<|assistant|>\n'
+    """
+    if not isinstance(messages, list) or not messages:
+        raise BadRequest("messages: expected a non-empty list of {role, content} objects")
+    parts = []
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict):
+            raise BadRequest(f"messages[{i}]: expected an object with role and content")
+        role, content = m.get("role"), m.get("content")
+        if role not in CHAT_ROLES:
+            raise BadRequest(f"messages[{i}].role: expected one of {CHAT_ROLES}, got {role!r}")
+        if isinstance(content, list):  # OpenAI content parts: only text parts are meaningful here
+            if not all(isinstance(c, dict) and c.get("type") == "text" and isinstance(c.get("text"), str)
+                       for c in content):
+                raise BadRequest(f"messages[{i}].content: only text parts are supported")
+            content = "".join(c["text"] for c in content)
+        if not isinstance(content, str):
+            raise BadRequest(f"messages[{i}].content: expected a string")
+        parts.append(f"<|{role}|>\n{content}\n")
+    return "".join(parts) + "<|assistant|>\n"
+
+
+def parse_chat(body, engine: Engine, tokenizer, model_name: str):
+    """Validate a /v1/chat/completions body; returns (prompt ids, SamplingParams, stop strings, stream)."""
+    _check_model(body, model_name)
+    if "messages" not in body:
+        raise BadRequest("messages: missing")
+    ids = tokenizer.encode(apply_chat_template(body["messages"]))
+    return (ids, *_parse_params(body, ids, engine, extra_stops=(CHAT_STOP,)))
 
 
 class _TextAssembler:
@@ -176,12 +230,19 @@ def create_app(engine: Engine, tokenizer, model_name: str):
 
     @app.post("/v1/completions")
     async def completions(request: Request):
+        return await _handle(request, parse_completion, chat=False)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request):
+        return await _handle(request, parse_chat, chat=True)
+
+    async def _handle(request, parse, chat: bool):
         try:
             body = json.loads(await request.body())
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             return error(f"body: malformed JSON ({e})")
         try:
-            ids, params, stops, stream = parse_completion(body, engine, tokenizer, model_name)
+            ids, params, stops, stream = parse(body, engine, tokenizer, model_name)
         except BadRequest as e:
             return error(str(e))
         loop = asyncio.get_running_loop()
@@ -196,7 +257,7 @@ def create_app(engine: Engine, tokenizer, model_name: str):
             return error(str(e))
         app.state.loop.wake.set()
         req = engine.requests[rid]
-        cid, created = f"cmpl-{uuid.uuid4().hex[:24]}", int(time.time())
+        cid, created = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}", int(time.time())
         text = _TextAssembler(tokenizer, stops)
 
         def finish_reason():
@@ -208,9 +269,18 @@ def create_app(engine: Engine, tokenizer, model_name: str):
             return {"prompt_tokens": len(ids), "completion_tokens": len(req.output),
                     "total_tokens": len(ids) + len(req.output)}
 
-        def chunk(delta: str, reason):
-            return {"id": cid, "object": "text_completion", "created": created, "model": model_name,
-                    "choices": [{"text": delta, "index": 0, "logprobs": None, "finish_reason": reason}]}
+        def chunk(delta, reason):
+            """One response object: a stream chunk (delta: str or dict for chat) or the final body."""
+            head = {"id": cid, "created": created, "model": model_name}
+            if not chat:
+                return {**head, "object": "text_completion",
+                        "choices": [{"text": delta, "index": 0, "logprobs": None, "finish_reason": reason}]}
+            if isinstance(delta, dict):  # streaming chat chunk
+                return {**head, "object": "chat.completion.chunk",
+                        "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": reason}]}
+            return {**head, "object": "chat.completion",
+                    "choices": [{"index": 0, "message": {"role": "assistant", "content": delta},
+                                 "logprobs": None, "finish_reason": reason}]}
 
         async def tokens(poll_disconnect: bool = False):
             """Text deltas until the request ends or a stop string shows up; aborts on early exit.
@@ -246,10 +316,12 @@ def create_app(engine: Engine, tokenizer, model_name: str):
 
         if stream:
             async def sse():
+                if chat:  # OpenAI sends the role first, then content deltas
+                    yield f"data: {json.dumps(chunk({'role': 'assistant', 'content': ''}, None))}\n\n"
                 async for delta in tokens():
                     if delta:
-                        yield f"data: {json.dumps(chunk(delta, None))}\n\n"
-                final = chunk("", finish_reason())
+                        yield f"data: {json.dumps(chunk({'content': delta} if chat else delta, None))}\n\n"
+                final = chunk({} if chat else "", finish_reason())
                 final["usage"] = usage()
                 yield f"data: {json.dumps(final)}\n\n"
                 yield "data: [DONE]\n\n"
