@@ -28,12 +28,12 @@ def test_forward_matches_model(seed):
     ref = m(ids).logits
     kv = StaticKV(m, 2, 128, page=64)
     prefill(m, ids[:, :71], kv)  # caches 70 tokens
-    assert int(kv.pos) == 70
+    assert kv.pos.tolist() == [70, 70]
     out = fast_forward(m, ids[:, 70:75], kv)  # a verify-shaped chunk: 5 queries over a cached prefix
     assert rel_rms(out, ref[:, 70:75]) < 1e-4
     one = fast_forward(m, ids[:, 75:76], kv)  # a decode step
     assert rel_rms(one, ref[:, 75:76]) < 1e-4
-    assert int(kv.pos) == 76
+    assert kv.pos.tolist() == [76, 76]
 
 
 @torch.no_grad()
@@ -61,13 +61,20 @@ def test_sparse_keep_all_equals_dense_and_selection_matches_reference(seed):
     ref = select_block_ids(q, kv.k[0][:, :280], SparseVerifyConfig(block_size=64, dense_below=64,
                                                                    rho=(3 * 64 - 64) / (280 - 64) - 1e-6))
     assert torch.equal(sel.long(), ref)
+    # rows of different lengths select on their own prefixes (sums of the changed blocks re-summed)
+    kv.set_length(torch.tensor([280, 200]))
+    sel = _select(q, kv, 0, 3, 64)
+    for r, n in enumerate((280, 200)):
+        rho = (3 * 64 - 64) / (n - 64) - 1e-6
+        ref = select_block_ids(q[r : r + 1], kv.k[0][r : r + 1, :n], SparseVerifyConfig(block_size=64, dense_below=64, rho=rho))
+        assert torch.equal(sel[r : r + 1].long(), ref), (r, sel[r], ref)
 
 
 @torch.no_grad()
 def test_speculative_equals_plain_greedy(seed):
     target, draft = _model(seed, layers=2), _model(seed + 1, d=32, layers=1, heads=2, kv=1)
     prompt = torch.randint(0, 37, (2, 40))
-    n, gamma = 12, 3
+    n, gamma = 16, 3
     tkv = StaticKV(target, 2, 40 + n + gamma + 2, page=64)
     dkv = StaticKV(draft, 2, 40 + n + gamma + 2, page=64)
     prefill(target, prompt, tkv)
@@ -82,6 +89,8 @@ def test_speculative_equals_plain_greedy(seed):
     res = greedy_speculative(steps, StepGraph(target, tkv, gamma + 1), tkv, dkv, prompt[:, -1:], n, gamma)
     assert torch.equal(res.tokens, plain)
     assert res.rounds <= n and 1 <= res.mean_acceptance_length <= gamma + 1
+    # rows accept independently: their cache lengths may differ now
+    assert int(tkv.pos.max()) >= int(tkv.pos.min())
     # the draft equal to the target accepts everything
     prefill(target, prompt, tkv)
     kv2 = StaticKV(target, 2, 40 + n + gamma + 2, page=64)

@@ -90,7 +90,7 @@ class SparseSpec:
 
 
 class StaticKV:
-    """Fixed KV buffers for one model and batch; ``pos`` (device int64 scalar) = cached tokens."""
+    """Fixed KV buffers for one model and batch; ``pos`` (device int64 ``[B]``) = cached tokens per row."""
 
     def __init__(self, model, batch: int, max_len: int, *, page: int = 128, anchors: tuple = (), device=None,
                  dtype=None):
@@ -103,7 +103,7 @@ class StaticKV:
         shape = (batch, self.max_len, self.hk, self.d)
         self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layers)]
         self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layers)]
-        self.pos = torch.zeros((), dtype=torch.int64, device=device)
+        self.pos = torch.zeros(batch, dtype=torch.int64, device=device)
         n_pages = self.max_len // page
         self.table = (torch.arange(batch, device=device)[:, None] * n_pages
                       + torch.arange(n_pages, device=device)[None, :]).to(torch.int32)
@@ -114,7 +114,11 @@ class StaticKV:
     def pages(self, layer: int):
         return (self.k[layer].view(-1, self.page, self.hk, self.d), self.v[layer].view(-1, self.page, self.hk, self.d))
 
-    def set_length(self, n: int) -> None:
+    def set_length(self, n) -> None:
+        """Every row's length to ``n`` (an int), or per row (a device tensor [B]; not checked)."""
+        if isinstance(n, torch.Tensor):
+            self.pos.copy_(n)
+            return
         if not 0 <= n <= self.max_len:
             raise ValueError(f"n: expected a length in [0, {self.max_len}], got {n}")
         self.pos.fill_(n)
@@ -145,56 +149,35 @@ class StaticKV:
             self.sums[i] = s
 
 
-def _select(q0: torch.Tensor, kv: StaticKV, layer: int, keep: int, bs: int) -> torch.Tensor:
-    """Selected prefix blocks, int32 ``[B, H_kv, keep]`` sorted; q0: [B, H, D] (RoPE applied).
-
-    Static shapes only (graph safe): the prefix length is read from ``kv.pos``.
-    """
-    b, hq, d = q0.shape
-    hk = kv.hk
-    past = kv.pos
-    sums = kv.sums[layer]
-    nb_all = sums.shape[1]
-    dev = q0.device
-    nb = (past + bs - 1) // bs
-    # re-sum the last two prefix blocks (the only ones a verify call can have changed)
-    blocks = (nb - 2 + torch.arange(2, device=dev)).clamp_min(0)
-    pos = (blocks[:, None] * bs + torch.arange(bs, device=dev)).flatten()
-    valid = (pos < past).view(1, 2, bs, 1, 1)
-    kk = kv.k[layer].index_select(1, pos).view(b, 2, bs, hk, d).float() * valid
-    sums.index_copy_(1, blocks, kk.sum(2))
-    cnt = (past - torch.arange(nb_all, device=dev) * bs).clamp(0, bs).float()
-    mean = sums / cnt.clamp_min(1.0)[None, :, None, None]
-    score = torch.einsum("bhgd,bnhd->bhn", q0.float().view(b, hk, hq // hk, d), mean)
-    score = score.masked_fill(cnt == 0, float("-inf"))
-    score[..., 0] = float("inf")  # the sink block and the last prefix block are always read
-    score.scatter_(-1, (nb - 1).clamp_min(0).view(1, 1, 1).expand(b, hk, 1), float("inf"))
-    return score.topk(keep, dim=-1).indices.sort(-1).values.to(torch.int32)
+def _rms(x, w, eps: float):
+    """RMSNorm with the module's arithmetic (fp32 inside), as a plain function for fusion."""
+    xf = x.float()
+    return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps) * w.float()).to(x.dtype)
 
 
-def _attention(mixer, q, k, v, kv: StaticKV, layer: int, sel):
-    """Prefix (kernel, dense or ``sel`` blocks) + new-token causal part, merged by log-sum-exp."""
-    from catkit.ops.sparse_attention import paged_decode_attention
-
-    b, t, hq, d = q.shape
-    hk = kv.hk
-    g = hq // hk
-    scale = 1.0 / math.sqrt(d)
-    kp, vp = kv.pages(layer)
-    seq = kv.pos.to(torch.int32).expand(b).contiguous()
+def _pre(x, norm_w, eps: float, qkv_w, cos, sin, hq: int, hk: int, d: int):
+    """Norm + QKV projection + RoPE; also the queries packed for the kernel ([B, Hk * T * G, D])."""
+    b, t, _ = x.shape
+    q, k, v = F.linear(_rms(x, norm_w, eps), qkv_w).view(b, t, hq + 2 * hk, d).split([hq, hk, hk], dim=2)
+    q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
     # the t queries join the GQA group: head (j, t, g) -> j * t * g + t * g + g, kernel group = t * g
-    qp = q.view(b, t, hk, g, d).permute(0, 2, 1, 3, 4).reshape(b, hk * t * g, d)
-    o_p, lse_p = paged_decode_attention(qp, kp, vp, kv.table, seq, block_indices=sel,
-                                        block_size=kv.sel_block or 128, return_lse=True, validate=False)
+    qp = q.reshape(b, t, hk, hq // hk, d).permute(0, 2, 1, 3, 4).reshape(b, hk * t * (hq // hk), d)
+    return q, k, v, qp
+
+
+def _merge(o_p, lse_p, q, k, v):
+    """Prefix part (kernel output, lse) + causal part among the new tokens, merged by log-sum-exp."""
+    b, t, hq, d = q.shape
+    hk = k.shape[2]
+    g = hq // hk
     o_p = o_p.float().view(b, hk, t, g, d).transpose(2, 3)  # [b, hk, g, t, d]
     lse_p = lse_p.view(b, hk, t, g).transpose(2, 3)
     qc = q.float().view(b, t, hk, g, d).permute(0, 2, 3, 1, 4)  # [b, hk, g, t, d]
     kc = k.float().permute(0, 2, 1, 3)[:, :, None]  # [b, hk, 1, t, d]
     vc = v.float().permute(0, 2, 1, 3)[:, :, None]
-    s = (qc @ kc.transpose(-1, -2)) * scale
-    if t > 1:
-        causal = torch.ones(t, t, dtype=torch.bool, device=q.device).tril()
-        s = s.masked_fill(~causal, float("-inf"))
+    s = (qc @ kc.transpose(-1, -2)) * (1.0 / math.sqrt(d))
+    causal = torch.ones(t, t, dtype=torch.bool, device=q.device).tril()
+    s = s.masked_fill(~causal, float("-inf"))
     lse_c = s.logsumexp(-1)
     o_c = torch.softmax(s, -1) @ vc
     m = torch.maximum(lse_p, lse_c)
@@ -203,54 +186,173 @@ def _attention(mixer, q, k, v, kv: StaticKV, layer: int, sel):
     return o.permute(0, 3, 1, 2, 4).reshape(b, t, hq * d).to(q.dtype)
 
 
+def _post(x, o, out_w, norm_w, eps: float, gu_w, down_w):
+    """Output projection + residual + FFN norm + SwiGLU + residual."""
+    x = x + F.linear(o, out_w)
+    gate, up = F.linear(_rms(x, norm_w, eps), gu_w).chunk(2, dim=-1)
+    return x + F.linear(F.silu(gate) * up, down_w)
+
+
+def _head(x, norm_w, eps: float, w):
+    return F.linear(_rms(x, norm_w, eps), w)
+
+
+def _score(q0, k_cache, sums, past, keep: int, bs: int):
+    """Block selection from ``sums`` with the last two prefix blocks re-summed (functional).
+
+    Returns (block ids int32 [B, Hk, keep] sorted, fresh sums of those two blocks, their ids).
+    """
+    b, hq, d = q0.shape
+    hk = k_cache.shape[2]
+    dev = q0.device
+    nb_all = sums.shape[1]
+    rows = torch.arange(b, device=dev)[:, None]
+    nb = (past + bs - 1) // bs  # [B]
+    blocks = (nb[:, None] - 2 + torch.arange(2, device=dev)).clamp_min(0)  # [B, 2]
+    pos = (blocks[..., None] * bs + torch.arange(bs, device=dev)).view(b, 2 * bs)
+    valid = (pos < past[:, None]).view(b, 2, bs, 1, 1)
+    fresh = (k_cache[rows, pos].view(b, 2, bs, hk, d).float() * valid).sum(2)  # [B, 2, Hk, D]
+    sums = sums.index_put((rows.expand(b, 2), blocks), fresh)
+    cnt = (past[:, None] - torch.arange(nb_all, device=dev) * bs).clamp(0, bs).float()  # [B, nb_all]
+    mean = sums / cnt.clamp_min(1.0)[:, :, None, None]
+    score = torch.einsum("bhgd,bnhd->bhn", q0.float().view(b, hk, hq // hk, d), mean)
+    score = score.masked_fill((cnt == 0)[:, None], float("-inf"))
+    idx = torch.arange(nb_all, device=dev)
+    # the sink block and the last prefix block are always read
+    force = (idx == 0) | (idx == (nb - 1).clamp_min(0)[:, None])
+    score = score.masked_fill(force[:, None], float("inf"))
+    return score.topk(keep, dim=-1).indices.sort(-1).values.to(torch.int32), fresh, blocks
+
+
+class _Fns:
+    """The step's pieces, eager or compiled (``torch.compile``, static shapes, eager fallback)."""
+
+    def __init__(self, compiled: bool):
+        self.compiled = compiled
+        self.failed: dict = {}
+        for name in ("pre", "merge", "post", "head", "score"):
+            fn = globals()["_" + name]
+            setattr(self, name, self._wrap(name, fn) if compiled else fn)
+
+    def _wrap(self, name, fn):
+        # automatic dynamic shapes: a second batch/length recompiles once with symbolic sizes
+        cfn = torch.compile(fn, fullgraph=True)
+
+        def call(*args):
+            if name not in self.failed:
+                try:
+                    return cfn(*args)
+                except Exception as e:  # keep the run alive: eager is the same arithmetic
+                    self.failed[name] = f"{type(e).__name__}: {str(e)[:200]}"
+                    print(f"[fast_decode] torch.compile of {name} failed, running it eagerly: {self.failed[name]}")
+            return fn(*args)
+
+        return call
+
+
+_EAGER = _Fns(False)
+_COMPILED: list = []
+
+
+def compiled_fns() -> _Fns:
+    """The shared compiled pieces (made once; raises the recompile limit: one entry per shape)."""
+    if not _COMPILED:
+        import torch._dynamo
+
+        torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
+        torch._dynamo.config.accumulated_cache_size_limit = max(
+            torch._dynamo.config.accumulated_cache_size_limit, 1024)
+        _COMPILED.append(_Fns(True))
+    return _COMPILED[0]
+
+
+def _select(q0: torch.Tensor, kv: StaticKV, layer: int, keep: int, bs: int, fns: _Fns = _EAGER) -> torch.Tensor:
+    """Selected prefix blocks, int32 ``[B, H_kv, keep]`` sorted; q0: [B, H, D] (RoPE applied).
+
+    Static shapes only (graph safe): the prefix length is read from ``kv.pos``; the re-summed
+    last two blocks are written back to ``kv.sums``.
+    """
+    ids, fresh, blocks = fns.score(q0, kv.k[layer], kv.sums[layer], kv.pos, keep, bs)
+    rows = torch.arange(q0.shape[0], device=q0.device)[:, None].expand_as(blocks)
+    kv.sums[layer].index_put_((rows, blocks), fresh)
+    return ids
+
+
+def _splits(n_blocks: int) -> int:
+    # about 4 blocks per split, at most 32: enough programs to fill the card at batch 1 without
+    # making the last-split merge (which reads every split of the whole packed group) the bottleneck
+    return max(1, min(32, -(-n_blocks // 4)))
+
+
 def fast_forward(model, ids: torch.Tensor, kv: StaticKV, *, prefill: bool = False, sparse: SparseSpec | None = None,
-                 keep: int | None = None, last_only: bool = False) -> torch.Tensor:
+                 keep: int | None = None, last_only: bool = False, fns: _Fns | None = None) -> torch.Tensor:
     """Logits ``[B, T, V]`` (``[B, 1, V]`` with ``last_only``) of ``ids`` [B, T] after ``kv``'s prefix.
 
     Writes the new keys/values at ``kv.pos..kv.pos+T-1`` and advances ``kv.pos`` by ``T``.
     ``prefill``: the cache must be empty (SDPA causal over the ids). ``sparse`` with ``keep``
-    blocks: read only the selected prefix blocks (``keep=None``: dense).
+    blocks: read only the selected prefix blocks (``keep=None``: dense). ``fns``: eager (default)
+    or :func:`compiled_fns`.
     """
+    from catkit.ops.sparse_attention import paged_decode_attention
+
+    fns = fns or _EAGER
     cfg = model.cfg
     b, t = ids.shape
     hq, hk, d = cfg.n_heads, cfg.kv_heads, cfg.dim_head
     x = model.embed(ids)
-    positions = (kv.pos + torch.arange(t, device=ids.device))
-    cos, sin = rope_cos_sin(positions[None].expand(b, t), d, cfg.rope_theta, dtype=x.dtype)
+    positions = kv.pos[:, None] + torch.arange(t, device=ids.device)  # [B, T]
+    rows = torch.arange(b, device=ids.device)[:, None].expand(b, t)
+    cos, sin = rope_cos_sin(positions, d, cfg.rope_theta, dtype=x.dtype)
+    bs = kv.sel_block or 128
+    n_blocks = keep if (sparse is not None and keep is not None) else -(-kv.max_len // bs)
+    splits = _splits(n_blocks)
     sel = None
     for i, block in enumerate(model.blocks):
         m = block.mixer
-        q, k, v = m.qkv(block.mixer_norm(x)).view(b, t, hq + 2 * hk, d).split([hq, hk, hk], dim=2)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        kv.k[i].index_copy_(1, positions, k)
-        kv.v[i].index_copy_(1, positions, v)
+        q, k, v, qp = fns.pre(x, block.mixer_norm.weight, block.mixer_norm.eps, m.qkv.weight, cos, sin, hq, hk, d)
+        kv.k[i].index_put_((rows, positions), k)
+        kv.v[i].index_put_((rows, positions), v)
         if prefill:
             o = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
                                                is_causal=t > 1, enable_gqa=hq != hk).transpose(1, 2)
             o = o.reshape(b, t, hq * d)
         else:
             if sparse is not None and keep is not None and sparse.is_anchor(i):
-                sel = _select(q[:, 0], kv, i, keep, sparse.block_size)
-            o = _attention(m, q, k, v, kv, i, sel)
-        x = x + m.out(o)
-        x = x + block.ffn(block.ffn_norm(x))
+                sel = _select(q[:, 0], kv, i, keep, sparse.block_size, fns)
+            kp, vp = kv.pages(i)
+            if t == 1 and sel is None:  # decode: the new token is in the cache, no merge needed
+                seq = (kv.pos + 1).to(torch.int32)
+                o = paged_decode_attention(qp, kp, vp, kv.table, seq, block_size=bs, validate=False,
+                                           num_splits=splits).view(b, 1, hq * d)
+            else:
+                seq = kv.pos.to(torch.int32)
+                o_p, lse_p = paged_decode_attention(qp, kp, vp, kv.table, seq, block_indices=sel, block_size=bs,
+                                                    return_lse=True, validate=False, num_splits=splits)
+                o = fns.merge(o_p, lse_p, q, k, v)
+        ffn = block.ffn
+        x = fns.post(x, o, m.out.weight, block.ffn_norm.weight, block.ffn_norm.eps, ffn.gate_up.weight,
+                     ffn.down.weight)
     if last_only:
         x = x[:, -1:]
     weight = model.embed.weight if model.lm_head is None else model.lm_head.weight
     kv.pos.add_(t)
-    return F.linear(model.norm(x), weight)
+    return fns.head(x, model.norm.weight, model.norm.eps, weight)
 
 
 class StepGraph:
     """``fast_forward`` for a fixed ``[B, T]`` input, captured as a CUDA graph (or run eagerly).
+
+    ``compile``: the per-layer pieces through ``torch.compile`` (fused elementwise work: fewer,
+    larger kernels in the graph); the Triton attention kernel and cache writes stay as they are.
 
     Capturing runs the step for warm-up, which writes junk past the cache's length and advances
     ``pos``; the cache length is restored afterwards (junk beyond ``pos`` is never read).
     """
 
     def __init__(self, model, kv: StaticKV, t: int, *, sparse: SparseSpec | None = None, keep: int | None = None,
-                 use_graph: bool = True):
+                 use_graph: bool = True, compile: bool = False):
         self.model, self.kv, self.t, self.sparse, self.keep = model, kv, t, sparse, keep
+        self.fns = compiled_fns() if compile else _EAGER
         self.ids = torch.zeros(kv.batch, t, dtype=torch.int64, device=kv.pos.device)
         self.graph = None
         self.out = None
@@ -269,7 +371,7 @@ class StepGraph:
             kv.pos.copy_(saved)
 
     def _run(self):
-        return fast_forward(self.model, self.ids, self.kv, sparse=self.sparse, keep=self.keep)
+        return fast_forward(self.model, self.ids, self.kv, sparse=self.sparse, keep=self.keep, fns=self.fns)
 
     def __call__(self, ids: torch.Tensor) -> torch.Tensor:
         self.ids.copy_(ids)
@@ -308,56 +410,72 @@ def greedy_decode(step: StepGraph, first: torch.Tensor, n: int, gaps: torch.Tens
 @dataclass
 class SpecResult:
     tokens: torch.Tensor  # [B, n]
-    rounds: int
-    accepted: int  # accepted draft tokens summed over rounds (min over rows)
-    draft_s: float = 0.0
-    verify_s: float = 0.0
+    rounds: int  # verify calls
+    accepted: int  # accepted draft tokens, summed over the rows still generating
+    row_rounds: int  # (round, row) pairs where the row was still generating
 
     @property
     def mean_acceptance_length(self) -> float:
-        """Tokens emitted per verify round (accepted drafts + the target's own token)."""
-        return (self.accepted + self.rounds) / max(self.rounds, 1)
+        """Tokens a row emits per verify round (accepted drafts + the target's own token)."""
+        return (self.accepted + self.row_rounds) / max(self.row_rounds, 1)
 
 
 def greedy_speculative(draft_steps: dict, verify: StepGraph, tkv: StaticKV, dkv: StaticKV, first: torch.Tensor,
                        n: int, gamma: int) -> SpecResult:
-    """Greedy chain speculative decoding with static shapes; output == the target's greedy output.
+    """Greedy chain speculative decoding with static shapes; every row == the target's greedy output.
 
     ``draft_steps[1]`` / ``[2]``: draft ``StepGraph`` s for 1 and 2 new tokens; ``verify``: the
     target's ``StepGraph`` for ``gamma + 1`` tokens. Both caches hold the prompt minus its last
-    token ``first`` [B, 1]. Rows of a batch advance by the shortest accepted prefix (lossless: a
-    row that accepted more emits its own accepted draft at the cut). Always drafts ``gamma``
-    tokens (static shapes); tokens past ``n`` are dropped, so caches need ``gamma + 2`` spare slots.
+    token ``first`` [B, 1] (equal lengths). Each row accepts its own prefix (per-row cache lengths,
+    all bookkeeping on the device; one host sync per round to test for the end). A round drafts
+    ``gamma`` tokens: the first draft call feeds the row's last two tokens (re-writing the one the
+    draft may already hold, the same token at the same position, so the draft never needs a
+    ragged input), then ``gamma - 1`` single-token calls. Rows that already have ``n`` tokens
+    recompute their last round (static shapes) without advancing; caches need ``2 * gamma + 2``
+    spare slots past the prompt + ``n``.
     """
     from catkit.serve.speculative import greedy_accept
 
-    base = int(tkv.pos)  # target cache length = position of `first`
-    pending = first  # tokens the draft has not cached yet, ending at position `base`
-    last = first
-    chunks, generated, rounds, accepted = [], 0, 0, 0
-    while generated < n:
-        toks = []
-        logits = draft_steps[pending.shape[1]](pending)
-        toks.append(logits[:, -1].argmax(-1))
+    b, dev = first.shape[0], first.device
+    width = n + gamma + 2
+    out = torch.zeros(b, width, dtype=torch.int64, device=dev)
+    off = torch.zeros(b, dtype=torch.int64, device=dev)  # tokens emitted per row
+    row_ids = torch.arange(b, device=dev)
+    steps = torch.arange(gamma + 1, device=dev)
+    acc_sum = torch.zeros((), dtype=torch.int64, device=dev)
+    act_sum = torch.zeros((), dtype=torch.int64, device=dev)
+    last, prev = first[:, 0], None
+    rounds = 0
+    while True:
+        base = tkv.pos.clone()  # per row: position of `last`
+        if prev is None:  # first round: the draft holds exactly the prompt minus `last`
+            logits = draft_steps[1](last[:, None])
+        else:
+            dkv.set_length(base - 1)
+            logits = draft_steps[2](torch.stack([prev, last], 1))
+        toks = [logits[:, -1].argmax(-1)]
         for _ in range(gamma - 1):
             toks.append(draft_steps[1](toks[-1][:, None])[:, -1].argmax(-1))
         drafts = torch.stack(toks, 1)
-        tl = verify(torch.cat([last, drafts], 1))
-        nacc_rows, nxt = greedy_accept(tl.argmax(-1), drafts)
-        n_acc = int(nacc_rows.min())
-        if n_acc < gamma:
-            nxt = torch.where(nacc_rows == n_acc, nxt, drafts[:, n_acc])
-        chunks.append(torch.cat([drafts[:, :n_acc], nxt[:, None]], 1))
-        generated += n_acc + 1
+        tl = verify(torch.cat([last[:, None], drafts], 1))
+        nacc, nxt = greedy_accept(tl.argmax(-1), drafts)
+        active = off < n
+        emitted = torch.cat([drafts, nxt[:, None]], 1)
+        emitted[row_ids, nacc] = nxt  # positions after nacc are junk, overwritten next round
+        # finished rows write past column n (clamped into the spare columns): harmless
+        out.scatter_(1, (off[:, None] + steps).clamp_max(width - 1), emitted)
+        adv = torch.where(active, nacc + 1, 0)
+        off += adv
+        acc_sum += torch.where(active, nacc, 0).sum()
+        act_sum += active.sum()
+        tkv.set_length(base + adv)
+        new_prev = torch.where(nacc > 0, drafts.gather(1, (nacc - 1).clamp_min(0)[:, None])[:, 0], last)
+        prev = new_prev if prev is None else torch.where(active, new_prev, prev)
+        last = torch.where(active, nxt, last)
         rounds += 1
-        accepted += n_acc
-        tkv.set_length(base + 1 + n_acc)
-        # the draft fed drafts[0 .. gamma-2]; the ones beyond the accepted prefix are rolled back
-        dkv.set_length(base + 1 + min(n_acc, gamma - 1))
-        last = nxt[:, None]
-        pending = last if n_acc < gamma else torch.cat([drafts[:, -1:], last], 1)
-        base += 1 + n_acc
-    return SpecResult(torch.cat(chunks, 1)[:, :n], rounds, accepted)
+        if int(off.min()) >= n:
+            break
+    return SpecResult(out[:, :n], rounds, int(acc_sum), int(act_sum))
 
 
 def teacher_forced_nll(step: StepGraph, tokens: torch.Tensor, n_chunks: int) -> float:
