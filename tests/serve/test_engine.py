@@ -153,3 +153,29 @@ def test_paged_decode_kernel_path_matches(monkeypatch):
     engine = Engine(model, max_batch_size=3, num_blocks=20, block_size=4, use_kernels=True)
     assert engine.generate(prompts, SamplingParams(max_tokens=5)) == [reference(model, p, 5) for p in prompts]
     assert calls  # the kernel really ran
+
+
+def test_chunked_prefill_output_unchanged_and_decode_not_stalled(seed):
+    model = tiny_model(seed % 1000)
+    g = torch.Generator().manual_seed(seed)
+    prompts = [torch.randint(0, 64, (n,), generator=g).tolist() for n in (3, 41, 9, 17)]
+    params = SamplingParams(max_tokens=8)
+    whole = Engine(model, max_batch_size=4, num_blocks=60, block_size=4).generate(prompts, params)
+    assert whole == [reference(model, p, 8) for p in prompts]
+    engine = Engine(model, max_batch_size=4, num_blocks=60, block_size=4, prefill_chunk=6)
+    short = engine.add_request(prompts[0], params)
+    engine.step()  # the short prompt is prefilled (one chunk) and decodes
+    long_ = engine.add_request(prompts[1], params)
+    grew = []
+    while engine.requests[long_].prefilled < len(prompts[1]):
+        before = len(engine.requests[short].output)
+        engine.step()
+        grew.append(len(engine.requests[short].output) - before)
+    # the 41-token prompt took ceil(41 / 6) = 7 steps, and the running request decoded in each
+    assert len(grew) == 7 and all(n == 1 for n in grew[:6])
+    rest = [engine.add_request(p, params) for p in prompts[2:]]
+    engine.run_until_done()
+    outs = [engine.requests[r].output for r in (short, long_, *rest)]
+    assert outs == whole
+    with pytest.raises(ValueError, match="prefill_chunk"):
+        Engine(model, max_batch_size=1, num_blocks=8, prefill_chunk=0)

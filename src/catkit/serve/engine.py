@@ -1,7 +1,9 @@
 """A continuous-batching inference engine over a paged KV cache.
 
 ``Engine.step()`` admits waiting requests whose worst case fits the cache (each is prefilled on
-its own), then runs ONE batched forward that decodes one token for every running request. Each
+its own: whole, or with ``prefill_chunk`` a chunk of at most that many prompt tokens per step, so
+a long prompt does not stall the requests already decoding), then runs ONE batched forward that
+decodes one token for every running request whose prompt is fully prefilled. Each
 request attends only to its own paged K/V: the engine gathers every request's keys and values into
 a padded batch with a key-padding mask (or calls ``paged_decode_attention`` on a GPU). Requests
 join and leave between steps. The per-layer math reuses the model's own modules (norms, ``qkv``,
@@ -74,6 +76,7 @@ class Request:
     finish_reason: str | None = None  # stop | length | abort | error
     generator: torch.Generator | None = None
     stats: RequestStats = field(default_factory=RequestStats)
+    prefilled: int = 0  # prompt tokens already in the KV cache
 
     @property
     def finished(self) -> bool:
@@ -89,14 +92,21 @@ class Engine:
         device: default the model's device.
         use_kernels: decode attention through ``paged_decode_attention`` (Triton) where the device
             allows; None (default) = on CUDA only (under the CPU interpreter it is correct but slow).
+        prefill_chunk: None (default) = prefill a prompt whole when it is admitted; an int = at
+            most this many prompt tokens are prefilled per step (one chunk forward per request,
+            oldest first), interleaved with the decode steps of the running requests.
     Thread safety: ``add_request`` and ``abort`` only touch an inbox under a short lock (they never
     wait for a running step), ``step`` drains it under the same lock; so a server may call ``step``
     from a background thread while handlers add and abort requests.
     """
 
     def __init__(self, model, *, max_batch_size: int, num_blocks: int, block_size: int = 16, device=None,
-                 use_kernels: bool | None = None):
+                 use_kernels: bool | None = None, prefill_chunk: int | None = None):
         check_model_supported(model)
+        if prefill_chunk is not None and (isinstance(prefill_chunk, bool) or not isinstance(prefill_chunk, int)
+                                          or prefill_chunk < 1):
+            raise ValueError(f"prefill_chunk: expected None or a positive int, got {prefill_chunk!r}")
+        self.prefill_chunk = prefill_chunk
         if isinstance(max_batch_size, bool) or not isinstance(max_batch_size, int) or max_batch_size < 1:
             raise ValueError(f"max_batch_size: expected a positive int, got {max_batch_size!r}")
         self.model = model.eval()
@@ -200,19 +210,34 @@ class Engine:
                 self.waiting.popleft()
                 req.status = "running"
                 self.running.append(req)
-                self._prefill(req)
-                if req.finished:
-                    done.append(req)
-            if self.running:
-                done += self._decode(list(self.running))
+                if self.prefill_chunk is None:
+                    self._prefill(req, len(req.prompt))
+                    if req.finished:
+                        done.append(req)
+            if self.prefill_chunk is not None:  # a token budget of prompt chunks per step, oldest first
+                budget = self.prefill_chunk
+                for req in [r for r in self.running if r.prefilled < len(r.prompt)]:
+                    n = min(budget, len(req.prompt) - req.prefilled)
+                    self._prefill(req, n)
+                    if req.finished:
+                        done.append(req)
+                    budget -= n
+                    if budget == 0:
+                        break
+            ready = [r for r in self.running if r.prefilled == len(r.prompt)]
+            if ready:
+                done += self._decode(ready)
             return done
 
-    def _prefill(self, req: Request) -> None:
-        n = len(req.prompt)
-        self.cache.ensure(req.rid, n)
-        ids = torch.tensor([req.prompt], device=self.device)
-        logits = self._forward(ids, [req.rid], [0])
-        self._emit(req, logits[0, -1])
+    def _prefill(self, req: Request, n: int) -> None:
+        """Prefill the next ``n`` prompt tokens; the last chunk also samples the first token."""
+        start = req.prefilled
+        self.cache.ensure(req.rid, start + n)
+        ids = torch.tensor([req.prompt[start : start + n]], device=self.device)
+        logits = self._forward(ids, [req.rid], [start])
+        req.prefilled = start + n
+        if req.prefilled == len(req.prompt):
+            self._emit(req, logits[0, -1])
 
     def _decode(self, reqs: list[Request]) -> list[Request]:
         rids = [r.rid for r in reqs]
