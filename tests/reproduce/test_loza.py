@@ -53,3 +53,24 @@ def test_loza_pipeline_gpu_smoke(tmp_path):
     sp = r["speed"]
     assert sp["streaming_100"]["kv_bytes"] < sp["loza_50"]["kv_bytes"] < sp["dense"]["kv_bytes"]
     assert all(v["after"]["lm_loss"] < 10 for v in r["variants"].values())
+
+
+def test_passkey_marker_and_curriculum():
+    """The marker sits before both key copies and ends the question; curriculum phases and checks."""
+    import torch
+
+    from catkit.data import passkey, passkey_min_len
+    from catkit.reproduce.loza import LozaSetup
+
+    b = passkey(3, context_len=300, generator=torch.Generator().manual_seed(0), marker=1)
+    for row, key in zip(b.inputs.tolist(), b.answers.tolist()):
+        text = bytes(row)
+        assert text.count(b"\x01" + str(key).encode()) == 3 and text.endswith(b"\x01" + str(key).encode())
+    assert passkey_min_len(1) == passkey_min_len() + 3
+    with pytest.raises(ValueError, match="marker"):
+        passkey(1, context_len=300, marker=256)
+    s = LozaSetup(context=1024, curriculum=((0.0, 256, 0.9), (0.5, 1024, 0.5)), curriculum_mix=0.5)
+    assert s.phase(0.1, 0.9) == (256, 0.9) and s.phase(0.6, 0.9) == (1024, 0.5) and s.phase(0.6, 0.2) == (256, 0.5)
+    for bad in (((0.5, 256, 0.5),), ((0.0, 300, 0.5),), ((0.0, 2048, 0.5),), ((0.0, 256, 1.5),)):
+        with pytest.raises(ValueError, match="curriculum"):
+            LozaSetup(context=1024, curriculum=bad)

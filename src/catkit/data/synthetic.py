@@ -137,9 +137,17 @@ PASSKEY_QUESTION = b" What is the pass key? The pass key is "
 PASSKEY_DIGITS = 5
 
 
-def passkey_min_len() -> int:
+def passkey_min_len(marker: int | None = None) -> int:
     """The shortest ``context_len`` :func:`passkey` accepts (no filler at all)."""
-    return len(PASSKEY_HEADER) + len(PASSKEY_NEEDLE) + len(PASSKEY_QUESTION) + PASSKEY_DIGITS
+    return len(PASSKEY_HEADER) + len(PASSKEY_NEEDLE) + len(PASSKEY_QUESTION) + PASSKEY_DIGITS + 3 * (marker is not None)
+
+
+def _passkey_templates(marker: int | None) -> tuple[bytes, bytes]:
+    """(needle, question), with ``marker`` right before each copy of the key and at the question's end."""
+    if marker is None:
+        return PASSKEY_NEEDLE, PASSKEY_QUESTION
+    m = bytes([marker])
+    return PASSKEY_NEEDLE.replace(b"#####", m + b"#####"), PASSKEY_QUESTION + m
 
 
 def _bytes_tensor(b: bytes) -> torch.Tensor:
@@ -152,6 +160,7 @@ def passkey(
     context_len: int,
     generator: torch.Generator | None = None,
     filler: list[int] | bytes | None = None,
+    marker: int | None = None,
 ) -> PasskeyBatch:
     """Passkey retrieval: a 5-digit key hidden at a random depth in filler text, byte level.
 
@@ -170,6 +179,10 @@ def passkey(
         context_len: ``T``, at least :func:`passkey_min_len` (about 200).
         generator: source of randomness (keys and depths).
         filler: byte ids (0..255) or bytes to use as haystack, e.g. corpus text; tiled if short.
+        marker: optional byte id (0..255, best one the haystack never holds, e.g. 1) written right
+            before both copies of the key in the needle and at the end of the question, so a single
+            token names where the key starts (an easier, one-hop induction; small models learn it
+            faster). None: the standard text.
 
     Returns:
         :class:`PasskeyBatch` ``(inputs [B, T], targets [B, T])`` with ``.answers [B]`` and
@@ -181,7 +194,9 @@ def passkey(
         x, y = batch                      # [4, 2048] each; batch.answers -> tensor([48213, ...])
     """
     _check_int("batch_size", batch_size, 1)
-    _check_int("context_len", context_len, passkey_min_len())
+    if marker is not None and (isinstance(marker, bool) or not isinstance(marker, int) or not 0 <= marker <= 255):
+        raise ValueError(f"marker: expected a byte id in [0, 255] or None, got {marker!r}")
+    _check_int("context_len", context_len, passkey_min_len(marker))
     if filler is None:
         fill = _bytes_tensor(PASSKEY_FILLER)
     else:
@@ -193,7 +208,8 @@ def passkey(
         if int(fill.min()) < 0 or int(fill.max()) > 255:
             raise ValueError("filler: byte ids must be in [0, 255]")
     B, T = batch_size, context_len
-    header, needle, question = (_bytes_tensor(b) for b in (PASSKEY_HEADER, PASSKEY_NEEDLE, PASSKEY_QUESTION))
+    needle_t, question_t = _passkey_templates(marker)
+    header, needle, question = (_bytes_tensor(b) for b in (PASSKEY_HEADER, needle_t, question_t))
     H, N, Qn, D = header.numel(), needle.numel(), question.numel(), PASSKEY_DIGITS
     F = T - H - N - Qn - D
     stream = fill.repeat(F // fill.numel() + 1)[:F]

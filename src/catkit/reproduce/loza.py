@@ -27,6 +27,7 @@ import json
 import math
 import os
 import random
+import sys
 import time
 import zlib
 from dataclasses import dataclass
@@ -57,10 +58,17 @@ class LozaSetup:
     passkey_fraction: float = 0.5  # share of each batch that is passkey rows (rest: corpus windows)
     answer_weight: float = 4.0  # extra loss weight on the 5 answer digits of passkey rows
     haystack: str = "filler"  # passkey haystack: "filler" (the standard repeated sentences) or "corpus"
+    marker: int | None = None  # passkey marker byte before the key (``data.passkey``); None: standard text
     corpus_max_bytes: int | None = 20_000_000
     pretrain_steps: int = 2000
     pretrain_lr: float = 2e-3
     pretrain_budget_s: float = 140.0
+    # Pretraining curriculum: (start, context, passkey fraction) phases, ``start`` a fraction of the
+    # run (steps or time budget, whichever runs out first). Retrieval is learned first on short
+    # rows (needle a few hundred tokens back), then the rows grow to ``context``; every batch
+    # keeps batch_size * context tokens. Empty: the whole run at ``context``, passkey_fraction.
+    curriculum: tuple = ()
+    curriculum_mix: float = 0.0  # share of curriculum batches drawn from an earlier (shorter) phase
     calib_steps: int = 40
     calib_lr: float = 0.1
     calib_l1: float = 0.0
@@ -79,21 +87,51 @@ class LozaSetup:
             raise ValueError(f"haystack: expected 'filler' or 'corpus', got {self.haystack!r}")
         if not 0 <= self.passkey_fraction <= 1:
             raise ValueError(f"passkey_fraction: expected a number in [0, 1], got {self.passkey_fraction!r}")
-        if self.context < passkey_min_len():
-            raise ValueError(f"context: passkey rows need >= {passkey_min_len()} tokens, got {self.context}")
+        if self.context < passkey_min_len(self.marker):
+            raise ValueError(f"context: passkey rows need >= {passkey_min_len(self.marker)} tokens, got {self.context}")
+        starts = [p[0] for p in self.curriculum]
+        if any(len(p) != 3 for p in self.curriculum) or starts != sorted(starts) or (starts and starts[0] != 0):
+            raise ValueError(f"curriculum: expected (start, context, passkey_fraction) phases, starts sorted from 0, "
+                             f"got {self.curriculum!r}")
+        for _, ctx, frac in self.curriculum:
+            if not passkey_min_len(self.marker) <= ctx <= self.context or self.context % ctx or not 0 <= frac <= 1:
+                raise ValueError(f"curriculum: each context must divide context = {self.context} and be >= "
+                                 f"{passkey_min_len(self.marker)}, each passkey fraction in [0, 1]; got "
+                                 f"{self.curriculum!r}")
+
+    def phase(self, progress: float, u: float = 0.0) -> tuple[int, float]:
+        """(context, passkey fraction) of the pretraining curriculum at ``progress`` in [0, 1].
+
+        ``u`` in [0, 1): draws with u < curriculum_mix take an earlier phase's context instead
+        (uniformly), so what was learned on short rows keeps being trained while the rows grow.
+        """
+        ctx, frac, seen = self.context, self.passkey_fraction, []
+        for start, c, f in self.curriculum:
+            if progress >= start:
+                ctx, frac = c, f
+                seen.append(c)
+        if u < self.curriculum_mix and len(seen) > 1:
+            ctx = seen[min(int(u / self.curriculum_mix * (len(seen) - 1)), len(seen) - 2)]
+        return ctx, frac
 
 
 def gpu_setup() -> LozaSetup:
-    """About 5-6 minutes on one H100/H200 (time-bounded stages): 23M parameters, 4K context, sink 128 +
-    window 1024. Adjust with ``dataclasses.replace(gpu_setup(), ...)`` and :func:`run_loza`."""
-    return LozaSetup()
+    """About 6-7 minutes on one H100/H200 (time-bounded stages): 23M parameters, 4K context, sink 128 +
+    window 1024. Passkey rows carry a marker byte before the key, and pretraining grows the rows
+    512 -> 1024 -> 2048 -> 4096 (retrieval is learned on short rows first; without both, 2000 steps
+    at 4K never learned it). Adjust with ``dataclasses.replace(gpu_setup(), ...)`` and :func:`run_loza`."""
+    return LozaSetup(marker=1, pretrain_steps=8000, pretrain_budget_s=250.0, pretrain_lr=1.5e-3,
+                     curriculum=((0.0, 512, 0.75), (0.15, 1024, 0.75), (0.3, 2048, 0.6), (0.5, 4096, 0.5)),
+                     curriculum_mix=0.25)
 
 
 def quick_setup() -> LozaSetup:
-    """CPU-sized (a few minutes on 2 cores): 256-byte context, blocks of 16, window 32..48."""
+    """CPU-sized (2-3 minutes on 2 idle cores): 256-byte context, blocks of 16, window 17..32 + sink 16;
+    the needle sits 40-120 bytes back, outside the window. The dense model learns retrieval (about
+    100% after 1200 steps) without a curriculum at this length."""
     return LozaSetup(d_model=64, n_layers=4, n_heads=4, n_kv_heads=2, context=256, sink_blocks=1, recent_blocks=2,
-                     block_size=16, batch_size=8, corpus_max_bytes=2_000_000, pretrain_steps=400, pretrain_lr=3e-3,
-                     pretrain_budget_s=90.0, calib_steps=30, recover_steps=60, recover_lr=1e-3, recover_budget_s=15.0,
+                     block_size=16, batch_size=8, corpus_max_bytes=2_000_000, pretrain_steps=1200, pretrain_lr=3e-3,
+                     pretrain_budget_s=150.0, calib_steps=30, recover_steps=60, recover_lr=1e-3, recover_budget_s=15.0,
                      eval_batches=4, passkey_rows=32, speed_context=1024, speed_batch=1, decode_tokens=16)
 
 
@@ -119,26 +157,30 @@ class _Mix:
         self.s, self.lm = s, PackedDataset(docs, s.context)
         self.text = b"\n".join(docs)
 
-    def passkey_rows(self, n: int, g: torch.Generator):
+    def passkey_rows(self, n: int, g: torch.Generator, context: int | None = None):
+        T = context or self.s.context
         filler = None
         if self.s.haystack == "corpus":
-            start = int(torch.randint(0, max(1, len(self.text) - self.s.context), (1,), generator=g))
-            filler = self.text[start:start + self.s.context]
-        batch = passkey(n, context_len=self.s.context, generator=g, filler=filler)
+            start = int(torch.randint(0, max(1, len(self.text) - T), (1,), generator=g))
+            filler = self.text[start:start + T]
+        batch = passkey(n, context_len=T, generator=g, filler=filler, marker=self.s.marker)
         x = batch.inputs
         y = torch.full_like(x, IGNORE)
         y[:, :-1] = x[:, 1:]
         return x, y, batch.targets
 
-    def batch(self, g: torch.Generator, n: int | None = None):
-        n = n or self.s.batch_size
-        n_pk = round(n * self.s.passkey_fraction)
+    def batch(self, g: torch.Generator, n: int | None = None, context: int | None = None,
+              passkey_fraction: float | None = None):
+        """``n`` rows of ``context`` tokens (defaults: the setup's), ``passkey_fraction`` of them passkey."""
+        n, T = n or self.s.batch_size, context or self.s.context
+        frac = self.s.passkey_fraction if passkey_fraction is None else passkey_fraction
+        n_pk = round(n * frac)
         xs, ys, ans = [], [], []
         if n - n_pk:
             x, y = self.lm.sample(n - n_pk, g)
-            xs.append(x), ys.append(y), ans.append(torch.full_like(y, IGNORE))
+            xs.append(x[:, :T]), ys.append(y[:, :T]), ans.append(torch.full_like(y[:, :T], IGNORE))
         if n_pk:
-            x, y, a = self.passkey_rows(n_pk, g)
+            x, y, a = self.passkey_rows(n_pk, g, T)
             xs.append(x), ys.append(y), ans.append(a)
         return torch.cat(xs), torch.stack([torch.cat(ys), torch.cat(ans)], -1)
 
@@ -160,24 +202,28 @@ def _amp(device):
 
 
 def _train(model, data: _Mix, s: LozaSetup, steps: int, lr: float, budget_s: float, device, desc: str,
-           seed: int) -> dict:
+           seed: int, curriculum: bool = False) -> dict:
     """AdamW (the trainer's groups), warmup then cosine to lr/10, ending at ``steps`` or ``budget_s``.
 
     The cosine follows whichever runs out first, steps or time, so a run stopped by its budget
-    still ends annealed.
+    still ends annealed. With ``curriculum``, rows follow ``s.curriculum`` (same tokens per batch).
     """
     opt = make_optimizer(model, TrainConfig(lr=lr, batch_size=s.batch_size, seq_len=s.context))
     loss_fn, amp = _mixed_loss(s.answer_weight), _amp(device)
     warmup = max(1, min(100, steps // 20))
     model.train()
     history, t0, done = [], time.perf_counter(), 0
-    bar = tqdm(range(steps), desc=desc, unit="step")
+    bar = tqdm(range(steps), desc=desc, unit="step", disable=not sys.stderr.isatty())
+    last_print = t0
     for step in bar:
         progress = max(step / steps, (time.perf_counter() - t0) / budget_s)
         rate = lr * min(1.0, (step + 1) / warmup) * (0.1 + 0.45 * (1 + math.cos(math.pi * min(1.0, progress))))
         for group in opt.param_groups:
             group["lr"] = rate
-        x, y = data.batch(torch.Generator().manual_seed(seed * 1_000_003 + step))
+        g = torch.Generator().manual_seed(seed * 1_000_003 + step)
+        ctx, frac = s.phase(progress, float(torch.rand((), generator=g))) if curriculum else (s.context,
+                                                                                              s.passkey_fraction)
+        x, y = data.batch(g, s.batch_size * s.context // ctx, ctx, frac)
         with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
             loss = loss_fn(model, x.to(device), y.to(device))
         loss.backward()
@@ -186,8 +232,12 @@ def _train(model, data: _Mix, s: LozaSetup, steps: int, lr: float, budget_s: flo
         opt.zero_grad(set_to_none=True)
         done = step + 1
         if done % 10 == 0 or done == steps:
-            history.append({"step": done, "loss": float(loss.detach()), "lr": rate})
+            history.append({"step": done, "loss": float(loss.detach()), "lr": rate, "context": ctx})
             bar.set_postfix(loss=f"{float(loss.detach()):.3f}")
+            if time.perf_counter() - last_print > 15 and not sys.stderr.isatty():  # progress in logs
+                last_print = time.perf_counter()
+                print(f"[{desc}] step {done}, {last_print - t0:.0f} s, context {ctx}, loss {float(loss.detach()):.3f}",
+                      flush=True)
         if time.perf_counter() - t0 > budget_s:
             break
     bar.close()
@@ -294,7 +344,7 @@ def run_loza(out_dir: str, s: LozaSetup, *, device=None) -> dict:
         model.load_state_dict(torch.load(weights, map_location=device))
     else:
         pre = _train(model, train, s, s.pretrain_steps, s.pretrain_lr, s.pretrain_budget_s, device, "pretrain dense",
-                     s.seed)
+                     s.seed, curriculum=True)
         os.makedirs(os.path.dirname(weights), exist_ok=True)
         torch.save(model.state_dict(), weights)
         save_pre(pre)
@@ -333,7 +383,9 @@ def run_loza(out_dir: str, s: LozaSetup, *, device=None) -> dict:
             before = _evaluate(model, val, s, device)
             rec = _train(model, train, s, s.recover_steps, s.recover_lr, s.recover_budget_s, device,
                          f"recover {name}", s.seed + 100)
-            res = {"layers": layers, "pattern": model.cfg.pattern, "before": before, "after": _evaluate(model, val, s, device),
+            after = _evaluate(model, val, s, device)
+            print(f"[{name}] before recovery {before}; after {after}", flush=True)
+            res = {"layers": layers, "pattern": model.cfg.pattern, "before": before, "after": after,
                    "recover_steps": rec["steps"], "recover_seconds": rec["seconds"], "history": rec["history"]}
             save_v(res)
         results[name] = res
@@ -417,7 +469,11 @@ def _write_report(path: str, r: dict) -> None:
         f"{s['n_heads']} query / {s['n_kv_heads']} KV heads; byte-level, context {s['context']}",
         f"- streaming pattern: {window}",
         f"- data: built-in corpus windows + {s['passkey_fraction']:.0%} passkey rows ({s['haystack']} haystack, needle "
-        f"at a random depth), answer digits weighted x{1 + s['answer_weight']:g}",
+        f"at a random depth{', marker byte %d before the key' % s['marker'] if s.get('marker') is not None else ''}), "
+        f"answer digits weighted x{1 + s['answer_weight']:g}",
+        f"- pretraining curriculum (start of run: row length, passkey share): "
+        + (", ".join(f"{a:.0%}: {c}, {f:.0%}" for a, c, f in s["curriculum"])
+           + f"; {s['curriculum_mix']:.0%} of batches from an earlier phase" if s.get("curriculum") else "none"),
         f"- dense pretraining: {r['pretrain']['steps']} steps x {s['batch_size']} sequences in {r['pretrain']['seconds']} s; "
         f"calibration: {s['calib_steps']} steps ({r['calibration_seconds']} s), frozen model, gates only",
         f"- every variant starts from the same dense weights and gets the same recovery run "
