@@ -120,7 +120,7 @@ def gpu_setup() -> LozaSetup:
     window 1024. Passkey rows carry a marker byte before the key, and pretraining grows the rows
     512 -> 1024 -> 2048 -> 4096 (retrieval is learned on short rows first; without both, 2000 steps
     at 4K never learned it). Adjust with ``dataclasses.replace(gpu_setup(), ...)`` and :func:`run_loza`."""
-    return LozaSetup(marker=1, pretrain_steps=8000, pretrain_budget_s=250.0, pretrain_lr=1.5e-3,
+    return LozaSetup(marker=1, pretrain_steps=8000, pretrain_budget_s=230.0, pretrain_lr=1.5e-3,
                      curriculum=((0.0, 512, 0.75), (0.15, 1024, 0.75), (0.3, 2048, 0.6), (0.5, 4096, 0.5)),
                      curriculum_mix=0.25)
 
