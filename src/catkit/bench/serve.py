@@ -13,6 +13,7 @@ Modes (all greedy, static shapes, CUDA graphs via ``catkit.serve.fast_decode.Ste
 - ``spec_dense``: chain drafting of ``gamma`` tokens + one dense target verify (lossless).
 - ``spec_sparse``: same with the sparse verifier (prefix blocks chosen by the first draft
   position's query at calibrated anchor layers; sink + last block kept; dense below L0).
+- ``spec_sparse_a4``: the same, selecting only at every 4th layer (less selection work).
 Prefix attention of every graph mode runs ``paged_decode_attention`` (split-KV Triton kernel;
 dense, or only the selected blocks); prefill runs SDPA (flash).
 
@@ -29,6 +30,7 @@ from __future__ import annotations
 
 import math
 import time
+from dataclasses import replace
 
 import torch
 
@@ -209,7 +211,7 @@ def _one(target, draft, val, ctx, b, P, spec, dev, common, w_t, w_d, bw, n_chunk
     base_d = fd.StaticKV(draft, b, max_len, page=page)
     (_, pre_s) = _timed(lambda: fd.prefill(target, prompt, base_t), dev)
     fd.prefill(draft, prompt, base_d)
-    base_t.init_sums(spec, target.cfg.n_layers, ctx - 1)
+    base_t.init_sums(replace(spec, anchor_layers=None), target.cfg.n_layers, ctx - 1)  # sums at every layer
     work_t = fd.StaticKV(target, b, max_len, page=page)
     work_d = fd.StaticKV(draft, b, max_len, page=page)
     reset = lambda: (work_t.copy_from(base_t, ctx - 1), work_d.copy_from(base_d, ctx - 1))  # noqa: E731
@@ -267,7 +269,10 @@ def _one(target, draft, val, ctx, b, P, spec, dev, common, w_t, w_d, bw, n_chunk
     d_ms = time_cuda(lambda: (work_d.pos.fill_(ctx - 1), dsteps[1](first)))
     keep = spec.keep_blocks(ctx - 1)
     keep_all = -(-work_t.max_len // spec.block_size)
-    verifiers = {"dense": (None, None), "sparse": (spec, keep), "keep_all": (spec, keep_all)}
+    # sparse_a4: the same selection computed only at every 4th layer (cheaper, coarser)
+    spec4 = replace(spec, anchor_layers=tuple(range(0, cfg_t.n_layers, 4)))
+    verifiers = {"dense": (None, None), "sparse": (spec, keep), "sparse_a4": (spec4, keep),
+                 "keep_all": (spec, keep_all)}
     results = {}
     vms = {}
     for name, (sp, kp) in verifiers.items():
@@ -280,7 +285,7 @@ def _one(target, draft, val, ctx, b, P, spec, dev, common, w_t, w_d, bw, n_chunk
         reset()
         res, sec = _timed(lambda: fd.greedy_speculative(dsteps, ver, work_t, work_d, first, n_new, gamma), dev)
         nll = None
-        if name in ("dense", "sparse"):
+        if name != "keep_all":
             reset()
             nll = fd.teacher_forced_nll(ver, full[:, ctx - 1 :], n_chunks)
         results[name] = (res, sec, nll)
@@ -290,26 +295,27 @@ def _one(target, draft, val, ctx, b, P, spec, dev, common, w_t, w_d, bw, n_chunk
     ok_dense, info_dense = fd.first_divergence(plain, results["dense"][0].tokens, gaps, TIE_TOL)
     ok_all, info_all = fd.first_divergence(plain, results["keep_all"][0].tokens, gaps, TIE_TOL)
     res_d, sec_d, nll_d = results["dense"]
-    res_s, sec_s, nll_s = results["sparse"]
     frac = 1.0 if keep is None else min(1.0, keep * spec.block_size / (ctx - 1))
-    for name, res, sec, frac_kv, nll in (("spec_dense", res_d, sec_d, 1.0, nll_d),
-                                         ("spec_sparse", res_s, sec_s, frac, nll_s)):
+    for name, key, sp in (("spec_dense", "dense", None), ("spec_sparse", "sparse", spec),
+                          ("spec_sparse_a4", "sparse_a4", spec4)):
+        res, sec, nll = results[key]
+        frac_kv = 1.0 if sp is None else frac
         tps = b * n_new / sec
         acc = res.mean_acceptance_length
         round_floor = gamma * (w_d + b * kv_d) / bw + (w_t + b * kv_t * frac_kv) / bw
         row = {**base, "mode": name, "tok_s": tps, "mean_accept_len": acc, "rounds": res.rounds,
-               "verify_ms": vms["dense" if name == "spec_dense" else "sparse"], "draft_step_ms": d_ms,
+               "verify_ms": vms[key], "draft_step_ms": d_ms,
                "kv_read_frac": frac_kv, "floor_tok_s": b * acc / round_floor,
                "speedup_vs_plain": tps / plain_tps, "nll_verifier": nll, "nll_dense_target": nll_d}
         if name == "spec_dense":
             row.update(check=f"== plain greedy up to near-ties: {info_dense}", correct=bool(ok_dense))
         else:
-            _, info_agree = fd.first_divergence(res_d.tokens, res_s.tokens, torch.zeros_like(gaps), 0.0)
+            _, info_agree = fd.first_divergence(res_d.tokens, res.tokens, torch.zeros_like(gaps), 0.0)
             row.update(token_agreement_vs_dense=info_agree["agreement"], first_div_vs_dense=info_agree["first_div"],
                        accept_len_ratio_vs_dense=acc / res_d.mean_acceptance_length,
                        speedup_vs_dense=tps / (b * n_new / sec_d),
-                       speedup_verify_vs_dense=vms["dense"] / vms["sparse"],
-                       keep_blocks=keep, anchors=list(spec.anchor_layers),
+                       speedup_verify_vs_dense=vms["dense"] / vms[key],
+                       keep_blocks=keep, anchors=list(sp.anchor_layers),
                        check=f"keep-all sparse == plain up to near-ties: {info_all}", correct=bool(ok_all))
         rows.append(row)
     del dsteps

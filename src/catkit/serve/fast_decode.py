@@ -175,11 +175,13 @@ def _merge(o_p, lse_p, q, k, v):
     qc = q.float().view(b, t, hk, g, d).permute(0, 2, 3, 1, 4)  # [b, hk, g, t, d]
     kc = k.float().permute(0, 2, 1, 3)[:, :, None]  # [b, hk, 1, t, d]
     vc = v.float().permute(0, 2, 1, 3)[:, :, None]
-    s = (qc @ kc.transpose(-1, -2)) * (1.0 / math.sqrt(d))
+    # t <= gamma + 1 is tiny: broadcast-and-sum instead of batched matmuls lets the compiler fuse
+    # the whole causal part into a couple of kernels
+    s = (qc[..., :, None, :] * kc[..., None, :, :]).sum(-1) * (1.0 / math.sqrt(d))  # [b, hk, g, t, t]
     causal = torch.ones(t, t, dtype=torch.bool, device=q.device).tril()
     s = s.masked_fill(~causal, float("-inf"))
     lse_c = s.logsumexp(-1)
-    o_c = torch.softmax(s, -1) @ vc
+    o_c = (torch.softmax(s, -1)[..., None] * vc[..., None, :, :]).sum(-2)
     m = torch.maximum(lse_p, lse_c)
     w_p, w_c = torch.exp(lse_p - m), torch.exp(lse_c - m)
     o = (o_p * w_p[..., None] + o_c * w_c[..., None]) / (w_p + w_c)[..., None]
@@ -195,6 +197,15 @@ def _post(x, o, out_w, norm_w, eps: float, gu_w, down_w):
 
 def _head(x, norm_w, eps: float, w):
     return F.linear(_rms(x, norm_w, eps), w)
+
+
+def _prologue(pos, t: int, d: int, theta: float, dtype: torch.dtype):
+    """Per-step index math: positions [B, T], row ids, RoPE tables, kernel lengths (prefix, prefix + 1)."""
+    b = pos.shape[0]
+    positions = pos[:, None] + torch.arange(t, device=pos.device)
+    rows = torch.arange(b, device=pos.device)[:, None].expand(b, t)
+    cos, sin = rope_cos_sin(positions, d, theta, dtype=dtype)
+    return positions, rows, cos, sin, pos.to(torch.int32), (pos + 1).to(torch.int32)
 
 
 def _score(q0, k_cache, sums, past, keep: int, bs: int):
@@ -230,7 +241,7 @@ class _Fns:
     def __init__(self, compiled: bool):
         self.compiled = compiled
         self.failed: dict = {}
-        for name in ("pre", "merge", "post", "head", "score"):
+        for name in ("pre", "merge", "post", "head", "score", "prologue"):
             fn = globals()["_" + name]
             setattr(self, name, self._wrap(name, fn) if compiled else fn)
 
@@ -300,9 +311,7 @@ def fast_forward(model, ids: torch.Tensor, kv: StaticKV, *, prefill: bool = Fals
     b, t = ids.shape
     hq, hk, d = cfg.n_heads, cfg.kv_heads, cfg.dim_head
     x = model.embed(ids)
-    positions = kv.pos[:, None] + torch.arange(t, device=ids.device)  # [B, T]
-    rows = torch.arange(b, device=ids.device)[:, None].expand(b, t)
-    cos, sin = rope_cos_sin(positions, d, cfg.rope_theta, dtype=x.dtype)
+    positions, rows, cos, sin, seq_prefix, seq_decode = fns.prologue(kv.pos, t, d, cfg.rope_theta, x.dtype)
     bs = kv.sel_block or 128
     n_blocks = keep if (sparse is not None and keep is not None) else -(-kv.max_len // bs)
     splits = _splits(n_blocks)
@@ -321,12 +330,10 @@ def fast_forward(model, ids: torch.Tensor, kv: StaticKV, *, prefill: bool = Fals
                 sel = _select(q[:, 0], kv, i, keep, sparse.block_size, fns)
             kp, vp = kv.pages(i)
             if t == 1 and sel is None:  # decode: the new token is in the cache, no merge needed
-                seq = (kv.pos + 1).to(torch.int32)
-                o = paged_decode_attention(qp, kp, vp, kv.table, seq, block_size=bs, validate=False,
+                o = paged_decode_attention(qp, kp, vp, kv.table, seq_decode, block_size=bs, validate=False,
                                            num_splits=splits).view(b, 1, hq * d)
             else:
-                seq = kv.pos.to(torch.int32)
-                o_p, lse_p = paged_decode_attention(qp, kp, vp, kv.table, seq, block_indices=sel, block_size=bs,
+                o_p, lse_p = paged_decode_attention(qp, kp, vp, kv.table, seq_prefix, block_indices=sel, block_size=bs,
                                                     return_lse=True, validate=False, num_splits=splits)
                 o = fns.merge(o_p, lse_p, q, k, v)
         ffn = block.ffn
