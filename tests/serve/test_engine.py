@@ -179,3 +179,29 @@ def test_chunked_prefill_output_unchanged_and_decode_not_stalled(seed):
     assert outs == whole
     with pytest.raises(ValueError, match="prefill_chunk"):
         Engine(model, max_batch_size=1, num_blocks=8, prefill_chunk=0)
+
+
+@pytest.mark.parametrize("same_draft", [True, False])
+def test_speculative_engine_equals_plain_greedy(seed, same_draft):
+    model = tiny_model(seed % 1000)
+    draft = model if same_draft else tiny_model(seed % 1000 + 1, d_model=16, n_heads=2, n_kv_heads=1, pattern="A")
+    g = torch.Generator().manual_seed(seed)
+    prompts = [torch.randint(0, 64, (n,), generator=g).tolist() for n in (1, 9, 4, 23)]
+    params = [SamplingParams(max_tokens=m) for m in (11, 7, 13, 5)]
+    plain = Engine(model, max_batch_size=4, num_blocks=80, block_size=4).generate(prompts, params)
+    engine = Engine(model, max_batch_size=3, num_blocks=80, block_size=4, draft_model=draft, gamma=3,
+                    prefill_chunk=8)
+    # plus a sampled request in the same batch: it decodes one token per step, unaffected
+    sampled = engine.add_request(prompts[1], SamplingParams(max_tokens=6, temperature=1.0, seed=3))
+    outs = engine.generate(prompts, params)
+    assert outs == plain
+    ref_sampled = Engine(model, max_batch_size=1, num_blocks=80, block_size=4).generate(
+        [prompts[1]], SamplingParams(max_tokens=6, temperature=1.0, seed=3))[0]
+    assert engine.requests[sampled].output == ref_sampled
+    st = engine.spec_stats
+    assert st["rounds"] > 0 and 0 <= st["accepted"] <= st["drafted"]
+    if same_draft:  # the target drafting for itself: every draft accepted
+        assert st["accepted"] == st["drafted"]
+    assert engine.cache.num_free == 80 and engine.draft_cache.num_free == 80
+    with pytest.raises(ValueError, match="gamma"):
+        Engine(model, max_batch_size=1, num_blocks=8, draft_model=draft, gamma=0)

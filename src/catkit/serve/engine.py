@@ -95,13 +95,19 @@ class Engine:
         prefill_chunk: None (default) = prefill a prompt whole when it is admitted; an int = at
             most this many prompt tokens are prefilled per step (one chunk forward per request,
             oldest first), interleaved with the decode steps of the running requests.
+        draft_model, gamma: speculative decoding for greedy requests (temperature 0): the draft
+            (its own paged cache, same block pool size) proposes ``gamma`` tokens per request and
+            step, the target verifies them in one batched forward, each request keeps its longest
+            matching prefix plus the target's token (output == plain greedy; rejected positions
+            are dropped by cache lengths). Sampled requests decode one token per step as usual.
     Thread safety: ``add_request`` and ``abort`` only touch an inbox under a short lock (they never
     wait for a running step), ``step`` drains it under the same lock; so a server may call ``step``
     from a background thread while handlers add and abort requests.
     """
 
     def __init__(self, model, *, max_batch_size: int, num_blocks: int, block_size: int = 16, device=None,
-                 use_kernels: bool | None = None, prefill_chunk: int | None = None):
+                 use_kernels: bool | None = None, prefill_chunk: int | None = None, draft_model=None,
+                 gamma: int = 4):
         check_model_supported(model)
         if prefill_chunk is not None and (isinstance(prefill_chunk, bool) or not isinstance(prefill_chunk, int)
                                           or prefill_chunk < 1):
@@ -112,6 +118,17 @@ class Engine:
         self.model = model.eval()
         self.device = torch.device(device) if device is not None else model.embed.weight.device
         self.cache = PagedKVCache.for_model(model, num_blocks, block_size, device=self.device)
+        self.draft, self.draft_cache, self.gamma = None, None, 0
+        if draft_model is not None:
+            from catkit.serve.speculative import check_pair
+
+            check_pair(model, draft_model)
+            check_model_supported(draft_model)
+            if isinstance(gamma, bool) or not isinstance(gamma, int) or gamma < 1:
+                raise ValueError(f"gamma: expected an int >= 1, got {gamma!r}")
+            self.draft, self.gamma = draft_model.eval(), gamma
+            self.draft_cache = PagedKVCache.for_model(draft_model, num_blocks, block_size, device=self.device)
+        self.spec_stats = {"rounds": 0, "drafted": 0, "accepted": 0}
         self.max_batch_size = max_batch_size
         self.use_kernels = use_kernels
         self.waiting: collections.deque[Request] = collections.deque()
@@ -142,7 +159,7 @@ class Engine:
         if total > self.max_seq_len:
             raise ValueError(f"max_tokens: prompt ({len(prompt)}) + max_tokens ({params.max_tokens}) = {total} "
                              f"exceeds the model's context of {self.max_seq_len} tokens")
-        if self.cache.blocks_for(total) > self.cache.num_blocks:
+        if self.cache.blocks_for(total + (self.gamma + 1 if self.draft else 0)) > self.cache.num_blocks:
             raise ValueError(f"max_tokens: {total} tokens need {self.cache.blocks_for(total)} KV blocks, "
                              f"the cache has {self.cache.num_blocks}")
         return prompt
@@ -205,7 +222,12 @@ class Engine:
             # admit (FIFO: a request that doesn't fit blocks those behind it, so none starves)
             while self.waiting and len(self.running) < self.max_batch_size:
                 req = self.waiting[0]
-                if not self.cache.admit(req.rid, len(req.prompt) + req.params.max_tokens):
+                # speculation writes up to gamma + 1 positions past the last token: reserve them
+                need = len(req.prompt) + req.params.max_tokens + (self.gamma + 1 if self.draft else 0)
+                if not self.cache.admit(req.rid, need):
+                    break
+                if self.draft is not None and not self.draft_cache.admit(req.rid, need):
+                    self.cache.free(req.rid)
                     break
                 self.waiting.popleft()
                 req.status = "running"
@@ -225,8 +247,12 @@ class Engine:
                     if budget == 0:
                         break
             ready = [r for r in self.running if r.prefilled == len(r.prompt)]
-            if ready:
-                done += self._decode(ready)
+            spec = [r for r in ready if self.draft is not None and r.params.temperature == 0]
+            plain = [r for r in ready if r not in spec]
+            if plain:
+                done += self._decode(plain)
+            if spec:
+                done += self._speculate(spec)
             return done
 
     def _prefill(self, req: Request, n: int) -> None:
@@ -235,6 +261,9 @@ class Engine:
         self.cache.ensure(req.rid, start + n)
         ids = torch.tensor([req.prompt[start : start + n]], device=self.device)
         logits = self._forward(ids, [req.rid], [start])
+        if self.draft is not None:
+            self.draft_cache.ensure(req.rid, start + n)
+            self._forward(ids, [req.rid], [start], model=self.draft, cache=self.draft_cache)
         req.prefilled = start + n
         if req.prefilled == len(req.prompt):
             self._emit(req, logits[0, -1])
@@ -253,6 +282,46 @@ class Engine:
             self._emit(req, logits[b], greedy[b] if req.params.temperature == 0 else None)
             if req.finished:
                 finished.append(req)
+        return finished
+
+    def _speculate(self, reqs: list[Request]) -> list[Request]:
+        """One speculative round for greedy requests: draft ``gamma``, verify once, accept per row."""
+        from catkit.serve.speculative import greedy_accept
+
+        g = self.gamma
+        rids = [r.rid for r in reqs]
+        lens = [self.cache.length(r) for r in rids]  # each request's last token sits at position lens[b]
+        for r, n in zip(rids, lens):  # within the admission quota (it reserved gamma + 1 extra)
+            self.cache.ensure(r, n + g + 1)
+            self.draft_cache.ensure(r, n + g)
+        seq = [r.prompt + r.output for r in reqs]
+        # the draft re-reads the last two tokens (rewriting the older one, if it already held it,
+        # with the same values), so every row has the same input length whatever it accepted
+        ids = torch.tensor([[s[n - 1], s[n]] for s, n in zip(seq, lens)], device=self.device)
+        logits = self._forward(ids, rids, [n - 1 for n in lens], model=self.draft, cache=self.draft_cache)
+        drafts = [logits[:, -1].argmax(-1)]
+        for j in range(g - 1):
+            logits = self._forward(drafts[-1][:, None], rids, [n + 1 + j for n in lens], model=self.draft,
+                                   cache=self.draft_cache)
+            drafts.append(logits[:, -1].argmax(-1))
+        drafts = torch.stack(drafts, 1)
+        last = torch.tensor([[s[n]] for s, n in zip(seq, lens)], device=self.device)
+        logits = self._forward(torch.cat([last, drafts], 1), rids, lens)
+        n_acc, nxt = greedy_accept(logits.float().argmax(-1), drafts)
+        n_acc, nxt, drafts = n_acc.tolist(), nxt.tolist(), drafts.tolist()
+        st = self.spec_stats
+        st["rounds"] += 1
+        st["drafted"] += g * len(reqs)
+        st["accepted"] += sum(n_acc)
+        finished = []
+        for b, req in enumerate(reqs):
+            # the target cache keeps the last token and the accepted drafts; the rest is dropped
+            self.cache.set_length(req.rid, lens[b] + 1 + n_acc[b])
+            for tok in drafts[b][: n_acc[b]] + [nxt[b]]:
+                self._emit(req, logits[b, 0], tok)
+                if req.finished:
+                    finished.append(req)
+                    break
         return finished
 
     def _emit(self, req: Request, logits: torch.Tensor, token: int | None = None) -> None:
@@ -281,6 +350,8 @@ class Engine:
             return
         req.status, req.finish_reason = "finished", reason
         self.cache.free(req.rid)
+        if self.draft_cache is not None:
+            self.draft_cache.free(req.rid)
         if req in self.running:
             self.running.remove(req)
         if req in self.waiting:
@@ -296,9 +367,14 @@ class Engine:
             req.on_token(req, None)
 
     # -- the model forward over paged K/V ------------------------------------------------------
-    def _forward(self, ids: torch.Tensor, rids: list[int], starts: list[int]) -> torch.Tensor:
-        """ids [B, T]: row b continues request ``rids[b]`` at position ``starts[b]``. Returns logits [B, T, V]."""
-        model, cache = self.model, self.cache
+    def _forward(self, ids: torch.Tensor, rids: list[int], starts: list[int], *, model=None,
+                 cache: PagedKVCache | None = None) -> torch.Tensor:
+        """ids [B, T]: row b continues request ``rids[b]`` at position ``starts[b]``. Returns logits [B, T, V].
+
+        ``model`` / ``cache``: default the target and its cache (the draft passes its own).
+        """
+        model = model if model is not None else self.model
+        cache = cache if cache is not None else self.cache
         cfg = model.cfg
         b, t = ids.shape
         dev = self.device
