@@ -161,8 +161,14 @@ def cmd_serve(args) -> int:
     from catkit.serve.server import serve
 
     model, _ = _load_checkpoint_model(args.checkpoint)
-    num_blocks = args.num_blocks or -(-model.cfg.max_seq_len // args.block_size) * args.max_batch_size
-    engine = Engine(model, max_batch_size=args.max_batch_size, num_blocks=num_blocks, block_size=args.block_size)
+    draft = _load_checkpoint_model(args.draft_checkpoint)[0] if args.draft_checkpoint else None
+    slack = args.gamma + 1 if draft is not None else 0  # speculation writes past the last token
+    num_blocks = args.num_blocks or -(-(model.cfg.max_seq_len + slack) // args.block_size) * args.max_batch_size
+    try:
+        engine = Engine(model, max_batch_size=args.max_batch_size, num_blocks=num_blocks, block_size=args.block_size,
+                        prefill_chunk=args.prefill_chunk, draft_model=draft, gamma=args.gamma)
+    except ValueError as e:
+        raise SystemExit(str(e))
     name = args.model_name or os.path.basename(os.path.normpath(args.checkpoint))
     serve(engine, ByteTokenizer(), name, host=args.host, port=args.port)
     return 0
@@ -247,7 +253,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, default=0)
     g.set_defaults(fn=cmd_generate)
 
-    sv = sub.add_parser("serve", help="OpenAI-compatible HTTP server (/v1/completions) for a checkpoint")
+    sv = sub.add_parser("serve", help="OpenAI-compatible HTTP server (/v1/completions, /v1/chat/completions)")
     sv.add_argument("--checkpoint", required=True, help="run directory or checkpoint directory")
     sv.add_argument("--host", default="127.0.0.1")
     sv.add_argument("--port", type=int, default=8000)
@@ -255,6 +261,11 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--max-batch-size", type=int, default=8)
     sv.add_argument("--block-size", type=int, default=16)
     sv.add_argument("--num-blocks", type=int, default=None, help="KV blocks per layer (default: a full context per batch slot)")
+    sv.add_argument("--prefill-chunk", type=int, default=None,
+                    help="prefill at most this many prompt tokens per step, interleaved with decoding (default: whole)")
+    sv.add_argument("--draft-checkpoint", default=None,
+                    help="a small model for speculative decoding of greedy requests (same vocabulary)")
+    sv.add_argument("--gamma", type=int, default=4, help="draft tokens per speculative round")
     sv.set_defaults(fn=cmd_serve)
 
     b = sub.add_parser("bench", help="run benchmark suites (catkit vs its anchor)")
