@@ -6,8 +6,9 @@ the cache length in a DEVICE scalar, so one step can be captured once as a CUDA 
 (:class:`StepGraph`; ``use_graph=False`` runs the same function eagerly, the plain path):
 
 * :class:`StaticKV`: per layer a contiguous ``[B, max_len, H_kv, D]`` key/value buffer viewed as
-  pages of ``page`` tokens (identity block table), ``pos`` = cached tokens (same for every row),
-  and per anchor layer fp32 block key sums for sparse selection.
+  pages of ``page`` tokens (identity block table), ``pos`` = cached tokens per row (a device
+  ``[B]`` tensor, so rows of a speculative batch keep their own accepted lengths), and per anchor
+  layer fp32 block key sums for sparse selection.
 * :func:`fast_forward`: the model's forward over ``T`` new tokens at positions ``pos..pos+T-1``.
   ``prefill=True`` (eager, empty cache): SDPA causal. Otherwise attention is split in two parts
   merged by their log-sum-exp: the cached prefix through ``paged_decode_attention`` (split-KV
@@ -23,8 +24,14 @@ the cache length in a DEVICE scalar, so one step can be captured once as a CUDA 
   at capture time); ``keep_blocks >= blocks`` keeps everything (then equal to dense).
 * :func:`greedy_decode` / :func:`greedy_speculative` / :func:`teacher_forced_nll`: the loops.
 
+The per-layer elementwise work (norms, RoPE, the causal chunk part and merge, residuals, SwiGLU,
+selection scoring) can run through ``torch.compile`` (``StepGraph(compile=True)``: fewer, fused
+kernels inside the graph); the plain path (``compile=False``) runs the same functions eagerly.
+
 Scope: dense attention (letter ``A``), SwiGLU FFNs, no N-gram embedding; equal-length prompts.
-Greedy only (the lossless sampling rule lives in :mod:`catkit.serve.speculative`).
+Greedy only (the lossless sampling rule lives in :mod:`catkit.serve.speculative`). Attention
+sparsity only (FFN/MoE skipping is in the eager :mod:`catkit.serve.sparse_verify`: its data-
+dependent shapes do not fit a static graph).
 """
 
 from __future__ import annotations
