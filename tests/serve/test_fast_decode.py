@@ -66,7 +66,8 @@ def test_sparse_keep_all_equals_dense_and_selection_matches_reference(seed):
     sel = _select(q, kv, 0, 3, 64)
     for r, n in enumerate((280, 200)):
         rho = (3 * 64 - 64) / (n - 64) - 1e-6
-        ref = select_block_ids(q[r : r + 1], kv.k[0][r : r + 1, :n], SparseVerifyConfig(block_size=64, dense_below=64, rho=rho))
+        cfg = SparseVerifyConfig(block_size=64, dense_below=64, rho=rho)
+        ref = select_block_ids(q[r : r + 1], kv.k[0][r : r + 1, :n], cfg)
         assert torch.equal(sel[r : r + 1].long(), ref), (r, sel[r], ref)
 
 

@@ -6,8 +6,8 @@ per-request token callbacks that hand tokens to the handler's asyncio queue.
 
 Endpoints: ``POST /v1/completions`` (model, prompt, max_tokens, temperature, top_p, top_k,
 seed, stop, stream), ``POST /v1/chat/completions`` (the same with ``messages`` instead of
-``prompt``; see :func:`apply_chat_template`), ``GET /v1/models``, ``GET /health``. Every bad request is an HTTP 400 with a
-message; a client that disconnects mid-stream has its request aborted and its KV blocks freed.
+``prompt``; see :func:`apply_chat_template`), ``GET /v1/models``, ``GET /health``. Every bad
+request is an HTTP 400 with a message; a client that disconnects mid-stream has its request aborted and its KV blocks freed.
 """
 
 
