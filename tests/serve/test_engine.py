@@ -133,8 +133,13 @@ def test_streaming_callback_iterator_and_abort():
 
 
 def test_refuses_unsupported_models():
-    with pytest.raises(ValueError, match="dense attention"):
-        Engine(tiny_model(pattern="AG"), max_batch_size=2, num_blocks=8)
+    # served: dense attention ("A") only; streaming (S) and delta-net (G K F P) layers and the
+    # N-gram embedding keep decode states the paged cache does not hold: a clear refusal
+    for pattern in ("AG", "AS", "AK", "AF", "AP"):
+        with pytest.raises(ValueError, match="dense attention"):
+            Engine(tiny_model(pattern=pattern), max_batch_size=2, num_blocks=8)
+    with pytest.raises(ValueError, match="N-gram"):
+        Engine(tiny_model(ngram={"max_n": 2, "n_splits": 1, "table_base": 32}), max_batch_size=2, num_blocks=8)
 
 
 def test_paged_decode_kernel_path_matches(monkeypatch):
