@@ -139,7 +139,7 @@ def test_refuses_unsupported_models():
         with pytest.raises(ValueError, match="dense attention"):
             Engine(tiny_model(pattern=pattern), max_batch_size=2, num_blocks=8)
     with pytest.raises(ValueError, match="N-gram"):
-        Engine(tiny_model(ngram={"max_n": 2, "n_splits": 1, "table_base": 32}), max_batch_size=2, num_blocks=8)
+        Engine(tiny_model(ngram={"max_n": 2, "n_splits": 1, "table_base": 66}), max_batch_size=2, num_blocks=8)
 
 
 def test_paged_decode_kernel_path_matches(monkeypatch):
