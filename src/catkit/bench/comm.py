@@ -17,7 +17,7 @@ RMS error against the exact fp32 all-reduce of the same inputs. ``correct`` requ
 identical results on every rank and an error under the bit width's tolerance. Summary rows
 ``fallback_<method>`` give the measured crossover (``fallback_bytes_measured``: the smallest
 size from which the method beats NCCL at every larger size) and ``recommended_fallback_bytes``
-(the largest over methods) for ``catkit.dist.flash_all_reduce.FALLBACK_BYTES["nccl"]``. A second
+(the largest over methods) for ``catkit.dist.flash_all_reduce.FALLBACK_BYTES[("nccl", world)]``. A second
 pass times ``flash_<bits>_auto`` (the library call with that measured threshold, i.e. what a user
 gets: NCCL below it, compression above), each again next to a fresh NCCL time.
 
@@ -27,7 +27,7 @@ at the smallest size and at 64 / 256 MB, each compressed method's five steps are
 (rows ``flash_<bits>:<stage>`` with the bytes each moves: ``hbm_GBps`` / ``hbm_frac`` of the
 card's peak for kernels, ``busbw_GBps`` for the two collectives; ``:sum_of_stages`` next to the
 full call) and the pipelined path is swept (rows ``flash_<bits>:chunks=K``, K = 1, 2, 4, 8) to
-set ``PIPELINE_CHUNKS``. The run prints the measured ``FALLBACK_BYTES["nccl"]``.
+set ``PIPELINE_CHUNKS``. The run prints the measured ``FALLBACK_BYTES[("nccl", world)]``.
 
 Suite ``comm_tp`` (same module; ``python -m catkit.bench.comm`` runs both, two JSON records):
 time-to-first-token of a TP = #GPUs prefill of a ~1B-parameter dense ``CatModel`` (random
@@ -434,7 +434,8 @@ def _finish(rows: list[dict], report: bool = True) -> list[dict]:
     fb = _fallback_rows(rows)
     if report:
         per = ", ".join(f"{r['method'].removeprefix('fallback_')}: {r['fallback_bytes_measured']}" for r in fb)
-        print(f"[comm] measured fallback bytes ({per}); set FALLBACK_BYTES[\"nccl\"] = "
+        world = nccl[0]["world"]
+        print(f"[comm] measured fallback bytes ({per}); set FALLBACK_BYTES[(\"nccl\", {world})] = "
               f"{fb[0]['recommended_fallback_bytes']} in catkit/dist/flash_all_reduce.py", flush=True)
     return rows + fb
 

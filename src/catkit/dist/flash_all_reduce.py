@@ -50,16 +50,15 @@ from catkit.ops.quant.layout import QTensor, QuantLayout, check_quant_args, row_
 from catkit.utils.device import check_tensor
 
 # Below this many input bytes ``flash_all_reduce`` runs the exact all-reduce instead, because
-# two collectives plus three kernels cannot beat one latency-bound NCCL call on small messages.
-# PLACEHOLDER VALUE, NOT A MEASUREMENT: "nccl" (1 MiB) is a guess from the ~40 us latency floor in
-# flash_comm.md. The first GPU run (old code, fixed ~0.5 ms per call) measured 512 MiB on 2 H200s
-# (int8/int6 never won, int4 from 256 MiB) and 256 MiB on 4; those describe the code before the
-# per-shape plans and are stale. ``catkit bench comm`` prints the new crossover
-# ("[comm] measured fallback bytes ... set FALLBACK_BYTES["nccl"] = N") and stores it in its
-# ``fallback_*`` rows (``recommended_fallback_bytes``): put that number here.
+# two collectives plus three kernels cannot beat one NCCL call there. Keys: backend, or
+# (backend, world size) where that was measured; ``catkit bench comm`` prints the crossover
+# ("[comm] measured fallback bytes ... set FALLBACK_BYTES[...]") in its ``fallback_*`` rows.
+# Measured on H200s (benchmarks/results/comm-NVIDIA_H200-*.json): 2 GPUs, no size up to 256 MB
+# where a compressed width beat NCCL bf16 (crossover above 256 MB, recorded as 512 MiB); 4 GPUs,
+# int4/int6 won from 256 MB (1.37x / 1.16x). Other world sizes use the 4-GPU value until measured.
 # "gloo" is 0 so CPU runs (tests) always take the compressed path; on CPU compression is about
 # correctness, not speed.
-FALLBACK_BYTES: dict[str, int] = {"nccl": 1 << 20, "gloo": 0}
+FALLBACK_BYTES: dict = {"nccl": 256 << 20, ("nccl", 2): 512 << 20, "gloo": 0}
 
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -343,7 +342,7 @@ def flash_all_reduce(
         meta_dtype: torch.float32 (default; any finite input stays finite) or torch.float16
             (the paper's 32/g bits of metadata; groups beyond fp16 range come out NaN).
         min_bytes: inputs smaller than this many bytes use the exact all-reduce; ``None`` reads
-            :data:`FALLBACK_BYTES` for the backend (placeholder values until measured).
+            :data:`FALLBACK_BYTES` for the backend and world size (measured crossovers).
         inplace: write the result into ``x`` and return ``x`` (like ``dist.all_reduce``; saves
             the output allocation and, below the fallback size, a copy). Needs a contiguous
             ``x`` and no autograd through it.
@@ -379,7 +378,10 @@ def flash_all_reduce(
     if world == 1 or x.numel() == 0:
         return x if inplace else x.clone()
     nbytes = x.numel() * x.element_size()
-    threshold = FALLBACK_BYTES.get(backend, 0) if min_bytes is None else min_bytes
+    if min_bytes is None:
+        threshold = FALLBACK_BYTES.get((backend, world), FALLBACK_BYTES.get(backend, 0))
+    else:
+        threshold = min_bytes
     small = nbytes < threshold
     chunks = auto_chunks(nbytes) if chunks is None else chunks
     # below the threshold nothing but dist.all_reduce runs: the fallback must cost what NCCL costs
