@@ -211,10 +211,12 @@ class _Pipeline:
 
 
 # Slices for the pipelined path by message size (bytes, slices), largest first; below the last
-# entry one unsliced plan. PLACEHOLDER, NOT MEASURED: more slices overlap more but each costs
-# about five launches of host time; ``catkit bench comm`` times chunks = 1, 2, 4, 8 at 64 and
-# 256 MB (rows ``flash_<bits>:chunks=K``) to set these from.
-PIPELINE_CHUNKS: tuple = ((128 << 20, 4), (64 << 20, 2))
+# entry one unsliced plan. Measured on 2 H200s (rows ``flash_<bits>:chunks=K`` of
+# benchmarks/results/comm-NVIDIA_H200-2gpu-quick.json): one slice was fastest or tied at 64 KB,
+# 64 MB and 256 MB for every width (256 MB int8: 1.07 / 1.12 / 1.11 / 2.26 ms for 1 / 2 / 4 / 8
+# slices), since each slice adds about five launches of host time and the slices' collectives
+# serialise on the link anyway. So no size is sliced by default; ``chunks=`` still forces it.
+PIPELINE_CHUNKS: tuple = ()
 
 
 def auto_chunks(nbytes: int) -> int:
@@ -348,7 +350,7 @@ def flash_all_reduce(
             ``x`` and no autograd through it.
         chunks: cut the message into this many slices and overlap one slice's kernels with
             another's transfers (same result: the groups do not change); ``None`` =
-            :func:`auto_chunks` of the size (1 below 64 MB; placeholder rule until measured).
+            :func:`auto_chunks` of the size (1 at every size measured so far).
 
     Returns ``sum over ranks of x`` (fp32 accumulation), identical on every rank, within the
     bound in the module docstring. Special cases: an empty ``x`` or a group of one rank returns
