@@ -7,8 +7,9 @@ functions. All variants are run as the symmetric update on scaled keys/values wi
     k~ = sqrt(bk) * k,  v~ = sqrt(bv) * v     (GDN/KDA: bk = bv = beta, a scalar per token)
     S_t = (I - k~_t k~_t^T) Diag(exp(g_t)) S_{t-1} + k~_t v~_t^T,     o_t = scale * S_t^T q_t
 
-The square roots are taken in PyTorch (fp32) outside the Function, so autograd carries the rate
-gradients; the kernels return gradients for q, k~, v~, g and the initial state.
+The square roots are taken outside the Function (``scaled.py``, one fused pass, fp32 registers),
+so autograd carries the rate gradients; the kernels return gradients for q, k~, v~, g and the
+initial state.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import triton
 
 from catkit.ops.delta_rule.chunk_bwd import chunk_bwd
 from catkit.ops.delta_rule.chunk_fwd import chunk_fwd
+from catkit.ops.delta_rule.scaled import scaled_kv
 from catkit.utils.device import check_tensor
 
 CHUNK_SIZE = 64
@@ -103,17 +105,6 @@ def check_offsets(B, T, H, K, V, N, chunk_size):
     if ntok * H * max(K, V, chunk_size) >= 2**31 or nchunks * H * K * V >= 2**31:
         raise ValueError(f"q: {ntok} tokens x {H} heads (K={K}, V={V}) overflow the kernels' int32 "
                          f"offsets; split the batch")
-
-
-def scaled_kv(k, v, bk, bv):
-    """k~ = sqrt(bk) k, v~ = sqrt(bv) v in fp32, cast back to the input dtype (differentiable)."""
-    sk = bk.float().sqrt()
-    sv = sk if bv is None else bv.float().sqrt()
-    if sk.dim() == 3:
-        sk = sk[..., None]
-    if sv.dim() == 3:
-        sv = sv[..., None]
-    return (k.float() * sk).to(k.dtype), (v.float() * sv).to(v.dtype)
 
 
 # ----------------------------------------------------------------------------- autograd
@@ -214,9 +205,7 @@ def _beta_entry(q, k, v, g, beta, scale, initial_state, output_final_state, cu_s
     if g_ndim is not None and g.dim() != g_ndim:
         raise ValueError(f"g: expected {g_ndim} dims for this variant, got shape {tuple(g.shape)}")
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
-    sb = beta.float().sqrt()[..., None]
-    kt = (k.float() * sb).to(k.dtype)
-    vt = (v.float() * sb).to(v.dtype)
+    kt, vt = scaled_kv(k, v, beta, None)
     return ChunkDeltaRuleFunction.apply(q, kt, vt, g, scale, initial_state, output_final_state,
                                         cu_seqlens, chunk_size)
 

@@ -9,6 +9,7 @@ Kd = K * exp(G_C - G)::
     dP = scale * dO Vn^T, then dq, dk, dG from P and A, whose entries hold exp(G_i - G_j),
     and finally dg = reverse cumsum of dG inside the chunk (G is a within-chunk cumulative sum).
 
+``chunk_bwd_dv_local`` writes the chunk-local part of dVn (parallel over chunks);
 ``chunk_bwd_state`` runs the reverse recurrence per (sequence, head, V tile); ``chunk_bwd_dap``
 (per chunk) writes dv~ and the gradients of A and P; ``chunk_bwd_dqkg`` (per chunk and block of key
 channels) writes dq, dk~ and dg (fp32, per channel).
@@ -24,7 +25,7 @@ from catkit.ops.delta_rule.chunk_fwd import _mm, _seq_bounds, kblock_options, la
 
 
 @triton.jit
-def chunk_bwd_state_kernel(QG, KD, W, G, P, do, dvn, dh, dht, dh0, cu_seqlens, chunk_offsets, scale,
+def chunk_bwd_state_kernel(QG, KD, W, G, do, dvn, dh, dht, dh0, cu_seqlens, chunk_offsets, scale,
                            H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr,
                            BK: tl.constexpr, BV: tl.constexpr, HAS_DHT: tl.constexpr,
                            STORE_DH0: tl.constexpr, OP_BF16: tl.constexpr, DOT_PREC: tl.constexpr):
@@ -36,7 +37,6 @@ def chunk_bwd_state_kernel(QG, KD, W, G, P, do, dvn, dh, dht, dh0, cu_seqlens, c
     boh = tl.load(chunk_offsets + i_n)
     NC = tl.cdiv(eos - bos, BT)
     rows = tl.arange(0, BT)
-    cols = tl.arange(0, BT)
     ck = tl.arange(0, BK)
     cv = i_v * BV + tl.arange(0, BV)
     mkv = (ck[:, None] < K) & (cv[None, :] < V)
@@ -53,15 +53,14 @@ def chunk_bwd_state_kernel(QG, KD, W, G, P, do, dvn, dh, dht, dh0, cu_seqlens, c
         tl.store(dh + (boh + c) * H * K * V + off_s, b_dS, mask=mkv)
         off = (t0 + rows)[:, None] * (H * K) + i_h * K + ck[None, :]
         offv = (t0 + rows)[:, None] * (H * V) + i_h * V + cv[None, :]
-        offc = (t0 + rows)[:, None] * (H * BT) + i_h * BT + cols[None, :]
-        b_P = tl.load(P + offc, mask=valid[:, None] & (rows[:, None] >= cols[None, :]), other=0.0)
         b_W = tl.load(W + off, mask=m, other=0.0)
         b_qg = tl.load(QG + off, mask=m, other=0.0)
         b_kd = tl.load(KD + off, mask=m, other=0.0)
         b_do = tl.load(do + offv, mask=mv, other=0.0)
         last = tl.minimum(t0 + BT, eos) - 1
         G_l = tl.load(G + last * (H * K) + i_h * K + ck, mask=ck < K, other=0.0)
-        b_dvn = scale * _mm(tl.trans(b_P), b_do, OP_BF16, DOT_PREC) + _mm(b_kd, b_dS, OP_BF16, DOT_PREC)
+        # dvn holds the chunk-local part scale * P^T dO (chunk_bwd_dv_local); add the state's
+        b_dvn = tl.load(dvn + offv, mask=mv, other=0.0) + _mm(b_kd, b_dS, OP_BF16, DOT_PREC)
         tl.store(dvn + offv, b_dvn, mask=mv)
         b_dS = b_dS * tl.exp(G_l)[:, None] + scale * _mm(tl.trans(b_qg), b_do, OP_BF16, DOT_PREC)
         b_dS -= _mm(tl.trans(b_W), b_dvn, OP_BF16, DOT_PREC)
@@ -70,9 +69,31 @@ def chunk_bwd_state_kernel(QG, KD, W, G, P, do, dvn, dh, dht, dh0, cu_seqlens, c
 
 
 @triton.jit
+def chunk_bwd_dv_local_kernel(P, do, dvn, chunk_indices, cu_seqlens, scale,
+                              H: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BV: tl.constexpr,
+                              OP_BF16: tl.constexpr, DOT_PREC: tl.constexpr):
+    # The state-independent part of dVn, scale * P^T dO, in parallel over chunks, so that the
+    # sequential chunk_bwd_state does one product fewer per chunk.
+    i_v, i_t, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    t0, eos = _seq_bounds(chunk_indices, cu_seqlens, i_t, BT)
+    rows = tl.arange(0, BT)
+    cols = tl.arange(0, BT)
+    cv = i_v * BV + tl.arange(0, BV)
+    valid = (t0 + rows) < eos
+    mv = valid[:, None] & (cv[None, :] < V)
+    offv = (t0 + rows)[:, None] * (H * V) + i_h * V + cv[None, :]
+    offc = (t0 + rows)[:, None] * (H * BT) + i_h * BT + cols[None, :]
+    # only the lower triangle of P is written
+    b_P = tl.load(P + offc, mask=valid[:, None] & (rows[:, None] >= cols[None, :]), other=0.0)
+    b_do = tl.load(do + offv, mask=mv, other=0.0)
+    tl.store(dvn + offv, scale * _mm(tl.trans(b_P), b_do, OP_BF16, DOT_PREC), mask=mv)
+
+
+@triton.jit
 def chunk_bwd_dap_kernel(k, v, G, Tm, vn, h, do, dvn, dv, dA, dP, chunk_indices, cu_seqlens, scale,
                          H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr,
-                         BK: tl.constexpr, BV: tl.constexpr, DOT_PREC: tl.constexpr):
+                         BK: tl.constexpr, BV: tl.constexpr, OP_BF16: tl.constexpr,
+                         DOT_PREC: tl.constexpr):
     # dT = dU V^T + dW (K e^G)^T with dU = dVn, dW = -dVn S^T, i.e. dT = dVn (V - (K e^G) S)^T:
     # a sum over V that needs no [C, K] gradient tile here.
     i_t, i_h = tl.program_id(0), tl.program_id(1)
@@ -100,10 +121,10 @@ def chunk_bwd_dap_kernel(k, v, G, Tm, vn, h, do, dvn, dv, dA, dP, chunk_indices,
         b_vn = tl.load(vn + offv, mask=mv, other=0.0)
         b_dvn = tl.load(dvn + offv, mask=mv, other=0.0)
         b_do = tl.load(do + offv, mask=mv, other=0.0).to(tl.float32)
-        b_r = b_v - tl.dot(b_kg, b_S, input_precision=DOT_PREC)
-        b_dT += tl.dot(b_dvn, tl.trans(b_r), input_precision=DOT_PREC)
-        b_dP += tl.dot(b_do, tl.trans(b_vn), input_precision=DOT_PREC)
-        b_dv = tl.dot(tl.trans(b_T), b_dvn, input_precision=DOT_PREC)
+        b_r = b_v - _mm(b_kg, b_S, OP_BF16, DOT_PREC)
+        b_dT += _mm(b_dvn, tl.trans(b_r), OP_BF16, DOT_PREC)
+        b_dP += _mm(b_do, tl.trans(b_vn), OP_BF16, DOT_PREC)
+        b_dv = _mm(tl.trans(b_T), b_dvn, OP_BF16, DOT_PREC)
         tl.store(dv + offv, b_dv.to(dv.dtype.element_ty), mask=mv)
     b_dP = tl.where((rows[:, None] >= cols[None, :]) & valid[:, None], b_dP * scale, 0.0)
     b_dA = -tl.dot(tl.trans(b_T), tl.dot(b_dT, tl.trans(b_T), input_precision=DOT_PREC),
@@ -119,7 +140,7 @@ def chunk_bwd_dqkg_kernel(q, k, G, Tm, vn, h, dh, do, dvn, dA, dP, dq, dk, dg,
                           chunk_indices, cu_seqlens, scale,
                           H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr,
                           BC: tl.constexpr, BKS: tl.constexpr, BV: tl.constexpr,
-                          DOT_PREC: tl.constexpr):
+                          OP_BF16: tl.constexpr, DOT_PREC: tl.constexpr):
     # One program per (chunk, head, block of BKS key channels): every term below is separable
     # over key channels once dA and dP are known.
     i_t, i_h, i_k = tl.program_id(0), tl.program_id(1), tl.program_id(2)
@@ -157,9 +178,9 @@ def chunk_bwd_dqkg_kernel(q, k, G, Tm, vn, h, dh, do, dvn, dA, dP, dq, dk, dg,
         b_vn = tl.load(vn + offv, mask=mv, other=0.0)
         b_dvn = tl.load(dvn + offv, mask=mv, other=0.0)
         b_do = tl.load(do + offv, mask=mv, other=0.0).to(tl.float32)
-        b_dW -= tl.dot(b_dvn, tl.trans(b_S), input_precision=DOT_PREC)
-        b_dKd += tl.dot(b_vn, tl.trans(b_dSC), input_precision=DOT_PREC)
-        b_dQ += tl.dot(b_do, tl.trans(b_S), input_precision=DOT_PREC)
+        b_dW -= _mm(b_dvn, tl.trans(b_S), OP_BF16, DOT_PREC)
+        b_dKd += _mm(b_vn, tl.trans(b_dSC), OP_BF16, DOT_PREC)
+        b_dQ += _mm(b_do, tl.trans(b_S), OP_BF16, DOT_PREC)
         b_dGl += tl.sum(b_S * b_dSC, axis=1)
 
     b_T = tl.load(Tm + offc, mask=valid[:, None], other=0.0)
@@ -189,26 +210,33 @@ def chunk_bwd_dqkg_kernel(q, k, G, Tm, vn, h, dh, do, dvn, dA, dP, dq, dk, dg,
         b_dkA += F * tl.dot(b_dA, b_kr, input_precision=DOT_PREC)
         b_dkJ += Rf * (tl.dot(tl.trans(b_dP), b_q * F, input_precision=DOT_PREC)
                        + tl.dot(tl.trans(b_dA), b_k * F, input_precision=DOT_PREC))
-    for jl in range(0, BC):
-        jr = rb * BC + jl
-        jm = ((t0 + jr) < eos)[:, None] & (ck[None, :] < K)
-        offj = (t0 + jr)[:, None] * (H * K) + i_h * K + ck[None, :]
-        k_j = tl.load(k + offj, mask=jm, other=0.0).to(tl.float32)
-        G_j = tl.load(G + offj, mask=jm, other=0.0)
-        lo = (rl >= jl)[:, None] & m
-        E = tl.where(lo, tl.exp(tl.where(lo, b_G - G_j, 0.0)), 0.0)
-        # dP[i, j(i)] and dA[i, j(i)] gathered straight from memory (written by chunk_bwd_dap)
-        offm = (t0 + rows) * (H * BT) + i_h * BT + jr
+    # Diagonal blocks, one row l of every 16-row block per step (row r of the tile pairs with row
+    # l(r) = block(r) * BC + l). With l as the column j: dq_i, dk_i (via A) gather over j <= i;
+    # with l as the row i: dk_j gathers over i >= j. Both are plain elementwise updates of
+    # [BT, BKS] tiles (no per-block reductions), with per-pair exponents that are <= 0.
+    for l in range(0, BC):
+        lr = rb * BC + l
+        lm = ((t0 + lr) < eos)[:, None] & (ck[None, :] < K)
+        offl = (t0 + lr)[:, None] * (H * K) + i_h * K + ck[None, :]
+        k_l = tl.load(k + offl, mask=lm, other=0.0).to(tl.float32)
+        q_l = tl.load(q + offl, mask=lm, other=0.0).to(tl.float32)
+        G_l2 = tl.load(G + offl, mask=lm, other=0.0)
+        # dP[r, l(r)], dA[r, l(r)] and dP[l(r), r], dA[l(r), r] straight from memory
+        offm = (t0 + rows) * (H * BT) + i_h * BT + lr
+        offt = (t0 + lr) * (H * BT) + i_h * BT + rows
+        vt = valid & ((t0 + lr) < eos)
         mP = tl.load(dP + offm, mask=valid, other=0.0)
         mA = tl.load(dA + offm, mask=valid, other=0.0)
-        kE = k_j * E
+        tP = tl.load(dP + offt, mask=vt, other=0.0)
+        tA = tl.load(dA + offt, mask=vt, other=0.0)
+        lo = (rl >= l)[:, None] & m
+        E = tl.where(lo, tl.exp(tl.where(lo, b_G - G_l2, 0.0)), 0.0)
+        kE = k_l * E
         b_dqP += mP[:, None] * kE
         b_dkA += mA[:, None] * kE
-        # d k_j gathers over the rows i >= j of j's own sub-chunk: a segmented sum per block
-        contrib = (mP[:, None] * b_q + mA[:, None] * b_k) * E
-        seg = tl.sum(tl.reshape(contrib, [NS, BC, BKS]), axis=1)
-        segx = tl.reshape(tl.broadcast_to(tl.reshape(seg, [NS, 1, BKS]), [NS, BC, BKS]), [BT, BKS])
-        b_dkJ += tl.where((rl == jl)[:, None], segx, 0.0)
+        up = (rl <= l)[:, None] & m & lm
+        Et = tl.where(up, tl.exp(tl.where(up, G_l2 - b_G, 0.0)), 0.0)
+        b_dkJ += (tP[:, None] * q_l + tA[:, None] * k_l) * Et
 
     b_dq = b_dQ + b_dqP
     b_dk = b_dKg * b_eG + b_dKd * b_ed + b_dkA + b_dkJ
@@ -220,6 +248,17 @@ def chunk_bwd_dqkg_kernel(q, k, G, Tm, vn, h, dh, do, dvn, dA, dP, dq, dk, dg,
     tl.store(dq + off, b_dq.to(dq.dtype.element_ty), mask=m)
     tl.store(dk + off, b_dk.to(dk.dtype.element_ty), mask=m)
     tl.store(dg + off, b_dg, mask=m)
+
+
+# bf16 tensor-core products (fp32 accumulation) for the V-sized gradient products of the bf16
+# path, as the state kernels use; the products with T, dA and dP stay tf32.
+BWD_BF16 = True
+
+
+def dqkg_options(BK, K, V):
+    """(BKS, BV, num_warps, num_stages) to try for chunk_bwd_dqkg, largest first."""
+    return [dict(BKS=kb["BKS"], BV=bv, num_warps=kb["num_warps"], num_stages=kb["num_stages"])
+            for kb in kblock_options(BK, K) for bv in sorted({vtile_options(V)[0]["BV"], 16}, reverse=True)]
 
 
 def chunk_bwd(q, k, v, saved, do, dht, scale, meta, need_dh0):
@@ -239,8 +278,11 @@ def chunk_bwd(q, k, v, saved, do, dht, scale, meta, need_dh0):
     dvn = torch.empty(NTOK, H, V, device=dev, dtype=torch.float32)
     dh = torch.empty(NT, H, K, V, device=dev, dtype=torch.float32)
     dh0 = torch.empty(N, H, K, V, device=dev, dtype=torch.float32) if need_dh0 else dvn
+    launch(chunk_bwd_dv_local_kernel, lambda opt: (triton.cdiv(V, opt["BV"]), NT, H),
+           (P, do, dvn, ci, cu, scale), dict(H=H, V=V, BT=BT, OP_BF16=pr["OP_BF16"], DOT_PREC=prec),
+           vtile_options(V))
     launch(chunk_bwd_state_kernel, lambda opt: (triton.cdiv(V, opt["BV"]), N * H),
-           (saved["QG"], saved["KD"], saved["W"], G, P, do, dvn, dh, dht if dht is not None else dvn,
+           (saved["QG"], saved["KD"], saved["W"], G, do, dvn, dh, dht if dht is not None else dvn,
             dh0, cu, meta["chunk_offsets"], scale),
            dict(H=H, K=K, V=V, BT=BT, BK=BK, HAS_DHT=dht is not None, STORE_DH0=need_dh0,
                 OP_BF16=pr["OP_BF16"], DOT_PREC=prec), vtile_options(V))
@@ -249,13 +291,13 @@ def chunk_bwd(q, k, v, saved, do, dht, scale, meta, need_dh0):
     dP = torch.empty_like(dA)
     launch(chunk_bwd_dap_kernel, lambda opt: (NT, H),
            (k, v, G, Tm, vn, h, do, dvn, dv, dA, dP, ci, cu, scale),
-           dict(H=H, K=K, V=V, BT=BT, BK=BK, DOT_PREC=prec), vtile_options(V))
+           dict(H=H, K=K, V=V, BT=BT, BK=BK, OP_BF16=pr["OP_BF16"] and BWD_BF16, DOT_PREC=prec),
+           vtile_options(V))
     dq = torch.empty_like(q)
     dk = torch.empty_like(k)
     dg = torch.empty(NTOK, H, K, device=dev, dtype=torch.float32)
-    opts = [dict(BKS=kb["BKS"], BV=bv, num_warps=kb["num_warps"], num_stages=kb["num_stages"])
-            for kb in kblock_options(BK, K) for bv in sorted({vtile_options(V)[0]["BV"], 16}, reverse=True)]
     launch(chunk_bwd_dqkg_kernel, lambda opt: (NT, H, triton.cdiv(K, opt["BKS"])),
            (q, k, G, Tm, vn, h, dh, do, dvn, dA, dP, dq, dk, dg, ci, cu, scale),
-           dict(H=H, K=K, V=V, BT=BT, BC=min(16, BT), DOT_PREC=prec), opts)
+           dict(H=H, K=K, V=V, BT=BT, BC=min(16, BT), OP_BF16=pr["OP_BF16"] and BWD_BF16, DOT_PREC=prec),
+           dqkg_options(BK, K, V))
     return dq, dk, dv, dg, (dh0 if need_dh0 else None)

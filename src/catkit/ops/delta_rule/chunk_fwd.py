@@ -15,12 +15,14 @@ within-chunk cumulative log-decay G (fp32)::
 The decay ratio exp(G_i - G_j) is never split into exp(G_i) * exp(-G_j), whose second factor
 overflows fp32 for strong decay at C = 64. Between 16-row sub-chunks it is factored through the
 last row r of the earlier sub-chunk, exp(G_i - G_r) * exp(G_r - G_j), both exponents <= 0 (tensor-
-core products); inside a sub-chunk it is formed per pair. T comes from forward substitution on
-the 16x16 diagonal blocks (all at once) and an exact block-Neumann step for the rest.
+core products); inside a sub-chunk it is formed per pair. The inverses of the 16x16 diagonal
+blocks of I + A come from chunk_intra (forward substitution on its register tile), and
+chunk_prep merges them into T with an exact block-Neumann step.
 
-Kernels: ``chunk_cumsum`` (G), ``chunk_intra`` (A, P per sub-chunk), ``chunk_prep`` (T, W, U = T V,
-Q e^G, K e^(G_C - G); parallel over chunks), ``chunk_fwd_state`` (sequential over chunks per
-(sequence, head, V tile): Vn, O, per-chunk start states, final state).
+Kernels: ``chunk_cumsum`` (G), ``chunk_intra`` (A, P, diagonal inverses; per sub-chunk),
+``chunk_prep`` (T, W, U = T V, Q e^G, K e^(G_C - G); parallel over chunks), ``chunk_fwd_state``
+(sequential over chunks per (sequence, head, V tile): Vn, per-chunk start states, final state),
+``chunk_fwd_o`` (O from the saved states, parallel over chunks).
 """
 
 from __future__ import annotations
@@ -76,10 +78,11 @@ def _mm(a, b, OP_BF16: tl.constexpr, DOT_PREC: tl.constexpr):
 
 
 @triton.jit
-def chunk_intra_kernel(q, k, G, A, P, chunk_indices, cu_seqlens,
+def chunk_intra_kernel(q, k, G, A, P, Tm, chunk_indices, cu_seqlens,
                        H: tl.constexpr, K: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr,
                        BKS: tl.constexpr, NK: tl.constexpr, DOT_PREC: tl.constexpr):
-    """Rows of sub-chunk ``a`` (BC rows) of A = strict_lower(K D K^T) and P = lower(Q D K^T).
+    """Rows of sub-chunk ``a`` (BC rows) of A = strict_lower(K D K^T) and P = lower(Q D K^T), and
+    the inverse (I + A_aa)^-1 of the diagonal block, written into the diagonal block of ``Tm``.
 
     One small program per (chunk, head, sub-chunk) keeps the register footprint low, so many run
     per SM and hide the latency of the per-column loop on the diagonal block.
@@ -142,6 +145,15 @@ def chunk_intra_kernel(q, k, G, A, P, chunk_indices, cu_seqlens,
             b_p += tl.where(sel, colP[:, None], 0.0)
     tl.store(A + offa + i_a * BC + c16[None, :], b_a, mask=valid[:, None])
     tl.store(P + offa + i_a * BC + c16[None, :], b_p, mask=valid[:, None])
+    # (I + A_aa)^-1 by forward substitution on the register tile: row i of the inverse is
+    # e_i - sum_{j<i} A_ij row_j, rows j < i already final. Plain fp32 FMAs, no dot-precision loss
+    # and no serial 64x64 products in chunk_prep.
+    b_t = tl.where(c16[:, None] == c16[None, :], 1.0, 0.0)
+    for i in range(1, BC):
+        a_i = tl.sum(tl.where(c16[:, None] == i, b_a, 0.0), axis=0)
+        r_i = tl.sum(a_i[:, None] * b_t, axis=0)
+        b_t = tl.where(c16[:, None] == i, b_t - r_i[None, :], b_t)
+    tl.store(Tm + offa + i_a * BC + c16[None, :], b_t, mask=valid[:, None])
 
 
 @triton.jit
@@ -164,15 +176,11 @@ def chunk_prep_kernel(k, v, G, A, Tm, W, U, QG, KD, q, chunk_indices, cu_seqlens
     b_A = tl.load(A + offc, mask=valid[:, None] & (rows[:, None] > cols[None, :]), other=0.0)
     same = rb[:, None] == cb[None, :]
 
-    # T = (I + A)^-1. Diagonal blocks D by forward substitution, all sub-chunks at once (row rl of
-    # every block per step); then with M = D^-1 L (L = blocks below the diagonal, M^NS = 0):
+    # T = (I + A)^-1. The inverses D^-1 of the 16x16 diagonal blocks come from chunk_intra (in the
+    # diagonal blocks of Tm); with M = D^-1 L (L = blocks below the diagonal, M^NS = 0):
     # T = (I - M + M^2 - M^3) D^-1 = (I - M)(I + M^2) D^-1, exact for NS <= 4.
     eye = tl.where(rows[:, None] == cols[None, :], 1.0, 0.0)
-    b_Ad = tl.where(same, b_A, 0.0)
-    b_Td = eye
-    for i in range(1, BC):
-        nt = eye - tl.dot(b_Ad, b_Td, input_precision=INV_PREC)
-        b_Td = tl.where((rl == i)[:, None], nt, b_Td)
+    b_Td = tl.load(Tm + offc, mask=valid[:, None] & same, other=0.0)
     b_L = tl.where(rb[:, None] > cb[None, :], b_A, 0.0)
     b_M = tl.dot(b_Td, b_L, input_precision=INV_PREC)
     b_M2 = tl.dot(b_M, b_M, input_precision=INV_PREC)
@@ -205,14 +213,19 @@ def chunk_prep_kernel(k, v, G, A, Tm, W, U, QG, KD, q, chunk_indices, cu_seqlens
 
 
 @triton.jit
-def chunk_fwd_state_kernel(U, W, QG, KD, G, P, o, vn, h, h0, ht, cu_seqlens, chunk_offsets,
-                           scale, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
+def chunk_fwd_state_kernel(U, W, KD, G, vn, h, h0, ht, cu_seqlens, chunk_offsets,
+                           H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
                            BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
                            HAS_H0: tl.constexpr, STORE_FINAL: tl.constexpr,
-                           SAVE: tl.constexpr, OP_BF16: tl.constexpr, DOT_PREC: tl.constexpr):
+                           DOT_PREC: tl.constexpr):
     # One program carries the [K, BV] slice of one sequence/head's state through its chunks; V
     # columns of S evolve independently (Vn[:, v] depends only on S[:, v]), hence the V tiling.
-    # Everything that does not depend on S was precomputed by chunk_prep in parallel.
+    # Only what the recurrence needs is done here (Vn and the chunk-start states); everything
+    # independent of S was precomputed by chunk_prep, and the output is chunk_fwd_o's, in parallel.
+    # Products run on fp32 operands at DOT_PREC (tf32 for 16-bit inputs): the bf16-operand form
+    # of this loop miscompiled on an H200 with Triton 3.6 (wrong states, then an illegal memory
+    # access), and the tf32 form measured faster there than the earlier bf16 loop that also
+    # produced O (1.07 vs 1.41 ms at 32K tokens x 16 heads).
     i_v, i_nh = tl.program_id(0), tl.program_id(1)
     i_n = i_nh // H
     i_h = i_nh % H
@@ -221,7 +234,6 @@ def chunk_fwd_state_kernel(U, W, QG, KD, G, P, o, vn, h, h0, ht, cu_seqlens, chu
     boh = tl.load(chunk_offsets + i_n)
     NC = tl.cdiv(eos - bos, BT)
     rows = tl.arange(0, BT)
-    cols = tl.arange(0, BT)
     ck = tl.arange(0, BK)
     cv = i_v * BV + tl.arange(0, BV)
     mkv = (ck[:, None] < K) & (cv[None, :] < V)
@@ -234,30 +246,54 @@ def chunk_fwd_state_kernel(U, W, QG, KD, G, P, o, vn, h, h0, ht, cu_seqlens, chu
         valid = (t0 + rows) < eos
         m = valid[:, None] & (ck[None, :] < K)
         mv = valid[:, None] & (cv[None, :] < V)
-        if SAVE:
-            tl.store(h + (boh + c) * H * K * V + off_s, b_S, mask=mkv)
+        tl.store(h + (boh + c) * H * K * V + off_s, b_S, mask=mkv)
         off = (t0 + rows)[:, None] * (H * K) + i_h * K + ck[None, :]
         offv = (t0 + rows)[:, None] * (H * V) + i_h * V + cv[None, :]
-        offc = (t0 + rows)[:, None] * (H * BT) + i_h * BT + cols[None, :]
         b_W = tl.load(W + off, mask=m, other=0.0)
-        b_qg = tl.load(QG + off, mask=m, other=0.0)
-        b_kd = tl.load(KD + off, mask=m, other=0.0)
+        # K e^(G_C - G) loaded transposed, [BK, BT], straight into the update product
+        b_kdt = tl.load(KD + tl.trans(off), mask=tl.trans(m), other=0.0)
         b_U = tl.load(U + offv, mask=mv, other=0.0).to(tl.float32)
-        # only the lower triangle of P is written
-        b_P = tl.load(P + offc, mask=valid[:, None] & (rows[:, None] >= cols[None, :]), other=0.0)
-        b_vn = b_U - _mm(b_W, b_S, OP_BF16, DOT_PREC)
-        b_o = _mm(b_qg, b_S, OP_BF16, DOT_PREC) + _mm(b_P, b_vn, OP_BF16, DOT_PREC)
-        tl.store(o + offv, (b_o * scale).to(o.dtype.element_ty), mask=mv)
-        if SAVE:
-            tl.store(vn + offv, b_vn, mask=mv)
         last = tl.minimum(t0 + BT, eos) - 1
         G_l = tl.load(G + last * (H * K) + i_h * K + ck, mask=ck < K, other=0.0)
-        b_S = b_S * tl.exp(G_l)[:, None] + _mm(tl.trans(b_kd), b_vn, OP_BF16, DOT_PREC)
+        b_vn = b_U - tl.dot(b_W.to(tl.float32), b_S, input_precision=DOT_PREC)
+        tl.store(vn + offv, b_vn, mask=mv)
+        b_S = b_S * tl.exp(G_l)[:, None] + tl.dot(b_kdt.to(tl.float32), b_vn, input_precision=DOT_PREC)
     if STORE_FINAL:
         tl.store(ht + i_n * H * K * V + off_s, b_S, mask=mkv)
 
 
+@triton.jit
+def chunk_fwd_o_kernel(QG, P, vn, h, o, chunk_indices, cu_seqlens, scale,
+                       H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr,
+                       BK: tl.constexpr, BV: tl.constexpr, OP_BF16: tl.constexpr,
+                       DOT_PREC: tl.constexpr):
+    """O = scale * ((Q e^G) S + P Vn) per (V tile, chunk, head), from the saved chunk-start
+    states: off the sequential path, parallel over chunks."""
+    i_v, i_t, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    t0, eos = _seq_bounds(chunk_indices, cu_seqlens, i_t, BT)
+    rows = tl.arange(0, BT)
+    cols = tl.arange(0, BT)
+    ck = tl.arange(0, BK)
+    cv = i_v * BV + tl.arange(0, BV)
+    valid = (t0 + rows) < eos
+    m = valid[:, None] & (ck[None, :] < K)
+    mv = valid[:, None] & (cv[None, :] < V)
+    mkv = (ck[:, None] < K) & (cv[None, :] < V)
+    off = (t0 + rows)[:, None] * (H * K) + i_h * K + ck[None, :]
+    offv = (t0 + rows)[:, None] * (H * V) + i_h * V + cv[None, :]
+    offc = (t0 + rows)[:, None] * (H * BT) + i_h * BT + cols[None, :]
+    # chunk_indices is sequence-major, so the global chunk id i_t also indexes h
+    b_S = tl.load(h + (i_t * H + i_h) * K * V + ck[:, None] * V + cv[None, :], mask=mkv, other=0.0)
+    b_qg = tl.load(QG + off, mask=m, other=0.0)
+    b_vn = tl.load(vn + offv, mask=mv, other=0.0)
+    # only the lower triangle of P is written
+    b_P = tl.load(P + offc, mask=valid[:, None] & (rows[:, None] >= cols[None, :]), other=0.0)
+    b_o = _mm(b_qg, b_S, OP_BF16, DOT_PREC) + _mm(b_P, b_vn, OP_BF16, DOT_PREC)
+    tl.store(o + offv, (b_o * scale).to(o.dtype.element_ty), mask=mv)
+
+
 _CHOSEN: dict = {}
+COMPILED: dict = {}  # last compiled kernel per name (n_regs / n_spills for profiling)
 
 
 def launch(kernel, grid_fn, args, consts, options):
@@ -274,7 +310,7 @@ def launch(kernel, grid_fn, args, consts, options):
     for i in range(start, len(options)):
         opt = options[i]
         try:
-            kernel[grid_fn(opt)](*args, **consts, **opt)
+            COMPILED[kernel.fn.__name__] = kernel[grid_fn(opt)](*args, **consts, **opt)
         except OutOfResources as e:
             err = e
             continue
@@ -316,27 +352,30 @@ def chunk_fwd(q, k, v, g, scale, initial_state, output_final_state, meta, save):
     Tm = torch.empty(NTOK, H, BT, device=dev, dtype=torch.float32)
     P, A = torch.empty_like(Tm), torch.empty_like(Tm)
     BC = min(16, BT)
-    launch(chunk_intra_kernel, lambda o: (NT, H, BT // BC), (q, k, G, A, P, ci, cu),
+    launch(chunk_intra_kernel, lambda o: (NT, H, BT // BC), (q, k, G, A, P, Tm, ci, cu),
            dict(H=H, K=K, BT=BT, BC=BC, DOT_PREC=pr["DOT_PREC"]), intra_options(BK, K))
     W = torch.empty(NTOK, H, K, device=dev, dtype=q.dtype)
     QG, KD = torch.empty_like(W), torch.empty_like(W)
     U = torch.empty(NTOK, H, V, device=dev, dtype=q.dtype)
     launch(chunk_prep_kernel, lambda o: (NT, H), (k, v, G, A, Tm, W, U, QG, KD, q, ci, cu),
            dict(H=H, K=K, V=V, BT=BT, BC=BC, DOT_PREC=pr["DOT_PREC"], INV_PREC=pr["INV_PREC"]),
-           [dict(**kb, BV=min(32, max(16, triton.next_power_of_2(V)))) for kb in kblock_options(BK, K)])
+           [{"BV": min(32, max(16, triton.next_power_of_2(V))), **kb} for kb in kblock_options(BK, K)])
     o = torch.empty(NTOK, H, V, device=dev, dtype=q.dtype)
-    # Per-chunk states and Vn are written even for inference: the SAVE=False variant of the state
-    # kernel hit an illegal memory access on an H200 with Triton 3.6 (cause not found), while the
-    # saving variant passed every GPU check. Costs NT*H*K*V + NTOK*H*V fp32 of extra writes.
+    # Vn and the per-chunk start states are written even for inference: the output kernel reads
+    # them (and an earlier variant that skipped them hit an illegal memory access on an H200 with
+    # Triton 3.6).
     vn = torch.empty(NTOK, H, V, device=dev, dtype=torch.float32)
     h = torch.empty(NT, H, K, V, device=dev, dtype=torch.float32)
     ht = torch.empty(N, H, K, V, device=dev, dtype=torch.float32) if output_final_state else o
     h0 = initial_state if initial_state is not None else o
     launch(chunk_fwd_state_kernel, lambda opt: (triton.cdiv(V, opt["BV"]), N * H),
-           (U, W, QG, KD, G, P, o, vn, h, h0, ht, cu, meta["chunk_offsets"], scale),
+           (U, W, KD, G, vn, h, h0, ht, cu, meta["chunk_offsets"]),
            dict(H=H, K=K, V=V, BT=BT, BK=BK, HAS_H0=initial_state is not None,
-                STORE_FINAL=output_final_state, SAVE=True, OP_BF16=pr["OP_BF16"],
-                DOT_PREC=pr["DOT_PREC"]), vtile_options(V))
+                STORE_FINAL=output_final_state, DOT_PREC=pr["DOT_PREC"]), vtile_options(V))
+    launch(chunk_fwd_o_kernel, lambda opt: (triton.cdiv(V, opt["BV"]), NT, H),
+           (QG, P, vn, h, o, ci, cu, scale),
+           dict(H=H, K=K, V=V, BT=BT, BK=BK, OP_BF16=pr["OP_BF16"], DOT_PREC=pr["DOT_PREC"]),
+           vtile_options(V))
     saved = dict(G=G, Tm=Tm, W=W, P=P, vn=vn, h=h, QG=QG, KD=KD) if save else None
     return o, (ht if output_final_state else None), saved
 

@@ -11,7 +11,8 @@ import torch
 import triton
 import triton.language as tl
 
-from catkit.ops.delta_rule.chunk import scaled_kv, validate
+from catkit.ops.delta_rule.chunk import validate
+from catkit.ops.delta_rule.scaled import scaled_kv
 
 
 @triton.jit
@@ -117,7 +118,6 @@ def fused_recurrent_gated_delta_rule(q, k, v, g, beta, *, scale=None, initial_st
     if beta.dim() != 3:
         raise ValueError(f"beta: expected a scalar rate per token and head, shape {tuple(q.shape[:3])}")
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
-    sb = beta.float().sqrt()[..., None]
-    kt, vt = (k.float() * sb).to(k.dtype), (v.float() * sb).to(v.dtype)
+    kt, vt = scaled_kv(k, v, beta, None)
     return FusedRecurrentFunction.apply(q, kt, vt, g, scale, initial_state, output_final_state,
                                         cu_seqlens)
