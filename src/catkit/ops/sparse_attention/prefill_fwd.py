@@ -7,7 +7,9 @@ walks the key tiles it may read in two ranges: every fully visible tile (no mask
 bounds checks) in ONE software-pipelined loop, then the causal diagonal tile range (masked). In
 streaming mode the sinks and the window are two key ranges; the first loop walks them as one
 "virtual" range with a jump (``split``/``gap``), so short windows keep a single pipeline.
-Online softmax runs in base 2 with the scale folded into one FMA.
+Online softmax runs in base 2 with the scale folded into one FMA. On Hopper the K/V tiles can come
+through on-device tensor descriptors (TMA: bulk copies, no per-element address math; ``TMA`` config
+flag), and programs stack up to 4 query heads of a GQA group so each K/V tile feeds 4 heads.
 """
 
 from __future__ import annotations
@@ -33,14 +35,18 @@ if triton is not None:
 
     @triton.jit
     def _fwd_range(acc, m_i, l_i, q, Kb, Vb, stride_kt, stride_vt, lo, hi, split, gap, q_pos, L, qk_scale,
-                   BLOCK_N: tl.constexpr, D: tl.constexpr, MASKED: tl.constexpr):
-        # Virtual positions v in [lo, hi); keys start at v, or v + gap once v >= split.
+                   BLOCK_N: tl.constexpr, D: tl.constexpr, MASKED: tl.constexpr, TMA: tl.constexpr):
+        # Virtual positions v in [lo, hi); keys start at v, or v + gap once v >= split. With TMA, Kb/Vb
+        # are tensor descriptors of this sequence's [L, D] keys/values (rows past L read as zeros).
         offs_d = tl.arange(0, D)
         for v0 in range(lo, hi, BLOCK_N):
             start = v0 + tl.where(v0 >= split, gap, 0)
             start = tl.multiple_of(start, BLOCK_N)
             offs_n = start + tl.arange(0, BLOCK_N)
-            if MASKED:
+            if TMA:
+                k = Kb.load([start, 0])
+                v = Vb.load([start, 0])
+            elif MASKED:
                 kv_ok = offs_n < L
                 k = tl.load(Kb + offs_n[:, None] * stride_kt + offs_d[None, :], mask=kv_ok[:, None], other=0.0)
                 v = tl.load(Vb + offs_n[:, None] * stride_vt + offs_d[None, :], mask=kv_ok[:, None], other=0.0)
@@ -49,8 +55,8 @@ if triton is not None:
                 v = tl.load(Vb + offs_n[:, None] * stride_vt + offs_d[None, :])
             qk = tl.dot(q, tl.trans(k))
             if MASKED:
-                ok = (offs_n[None, :] <= q_pos[:, None]) & kv_ok[None, :]
-                qk = tl.where(ok, qk, float("-inf"))
+                # Causal; keys past L only meet rows past L (offs_n <= q_pos), which are never stored.
+                qk = tl.where(offs_n[None, :] <= q_pos[:, None], qk, float("-inf"))
             # m_i starts at a finite floor, so a row masked so far gives exp2(-inf) = 0, never NaN.
             m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
             p = tl.exp2(qk * qk_scale - m_new[:, None])
@@ -66,7 +72,9 @@ if triton is not None:
                     stride_ib, stride_ih, stride_iq, stride_cb, stride_ch,
                     H, SINK, RECENT,
                     G: tl.constexpr, BS: tl.constexpr, D: tl.constexpr, MODE: tl.constexpr,
-                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HPP: tl.constexpr):
+                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HPP: tl.constexpr, TMA: tl.constexpr = 0,
+                    SM90: tl.constexpr = 0):
+        # SM90 only tags the configs tuned for Hopper (see _prune); the kernel ignores it.
         # A program owns HPP query heads of one GQA group x BLOCK_M tokens, stacked as rows, so
         # every K/V tile it loads feeds HPP heads (less L2 -> SM traffic per FLOP).
         pid_h = tl.program_id(0)
@@ -87,6 +95,9 @@ if triton is not None:
                         mask=row_ok[:, None], other=0.0)
             Kb = K + bos * stride_kt + hkv * stride_kh
             Vb = V + bos * stride_vt + hkv * stride_vh
+            if TMA:  # Hopper bulk copies: no per-element address math, bounds handled by the copy engine
+                Kb = tl.make_tensor_descriptor(Kb, shape=[L, D], strides=[stride_kt, 1], block_shape=[BLOCK_N, D])
+                Vb = tl.make_tensor_descriptor(Vb, shape=[L, D], strides=[stride_vt, 1], block_shape=[BLOCK_N, D])
             acc = tl.zeros([HPP * BLOCK_M, D], dtype=tl.float32)
             m_i = tl.zeros([HPP * BLOCK_M], dtype=tl.float32) - 1.0e30
             l_i = tl.zeros([HPP * BLOCK_M], dtype=tl.float32)
@@ -99,10 +110,10 @@ if triton is not None:
                 s_hi = tl.minimum(SINK, w_lo) * BS
                 n_full = s_hi + tl.where(w_lo <= qb, m0 - w_lo * BS, 0)
                 acc, m_i, l_i = _fwd_range(acc, m_i, l_i, q, Kb, Vb, stride_kt, stride_vt, 0, n_full, s_hi,
-                                           w_lo * BS - s_hi, offs_m, L, qk_scale, BLOCK_N, D, False)
+                                           w_lo * BS - s_hi, offs_m, L, qk_scale, BLOCK_N, D, False, TMA)
                 if w_lo <= qb:
                     acc, m_i, l_i = _fwd_range(acc, m_i, l_i, q, Kb, Vb, stride_kt, stride_vt, m0, m0 + BLOCK_M,
-                                               L, 0, offs_m, L, qk_scale, BLOCK_N, D, True)
+                                               L, 0, offs_m, L, qk_scale, BLOCK_N, D, True, TMA)
             else:
                 n_idx = tl.load(CNT + pid_b * stride_cb + hkv * stride_ch + qb)
                 Ib = IDX + pid_b * stride_ib + hkv * stride_ih + qb * stride_iq
@@ -110,12 +121,12 @@ if triton is not None:
                     j = tl.load(Ib + t)
                     if j < qb:
                         acc, m_i, l_i = _fwd_range(acc, m_i, l_i, q, Kb, Vb, stride_kt, stride_vt, j * BS,
-                                                   j * BS + BS, L, 0, offs_m, L, qk_scale, BLOCK_N, D, False)
+                                                   j * BS + BS, L, 0, offs_m, L, qk_scale, BLOCK_N, D, False, TMA)
                     elif j == qb:
                         acc, m_i, l_i = _fwd_range(acc, m_i, l_i, q, Kb, Vb, stride_kt, stride_vt, j * BS, m0,
-                                                   L, 0, offs_m, L, qk_scale, BLOCK_N, D, False)
+                                                   L, 0, offs_m, L, qk_scale, BLOCK_N, D, False, TMA)
                         acc, m_i, l_i = _fwd_range(acc, m_i, l_i, q, Kb, Vb, stride_kt, stride_vt, m0,
-                                                   m0 + BLOCK_M, L, 0, offs_m, L, qk_scale, BLOCK_N, D, True)
+                                                   m0 + BLOCK_M, L, 0, offs_m, L, qk_scale, BLOCK_N, D, True, TMA)
             empty = l_i == 0.0  # no allowed key: output 0, lse -inf (documented behaviour)
             l_safe = tl.where(empty, 1.0, l_i)
             o = acc / l_safe[:, None]
@@ -140,26 +151,56 @@ GPU_TILES = {
     "dq": {128: (64, 64, 4, 2, 1), 64: (64, 64, 4, 2, 1)},
     "dkdv": {128: (32, 64, 4, 2, 1), 64: (32, 64, 4, 2, 1)},
 }
-ATTN_CONFIGS = [  # (BLOCK_M, BLOCK_N, HPP, num_warps, num_stages); the last one fits every case
+ATTN_CONFIGS = [  # dq: (BLOCK_M, BLOCK_N, HPP, num_warps, num_stages); the last one fits every case
     (128, 64, 1, 8, 3), (128, 32, 1, 4, 4), (64, 64, 2, 8, 3), (64, 32, 2, 4, 4), (32, 64, 4, 8, 3),
     (64, 64, 1, 4, 4), (64, 32, 1, 4, 4), (64, 64, 1, 4, 2), (64, 64, 1, 4, 3),
 ]
+# fwd: the same fields plus TMA (1: K/V tiles through tensor descriptors, sm90+ only). Hopper tunes
+# over its own short list (H200 sweep, 32 q / 8 kv heads, d 128, 128K tokens: (64, 64, 4, 8, 2, 1)
+# 5.54 ms, (64, 64, 2, 8, 3, 0) 5.74, (128, 64, 1, 8, 3, 0) 5.92; FlexAttention 6.7-7.3 ms).
+FWD_CONFIGS = [(bm, bn, h, w, st, 0) for bm, bn, h, w, st in ATTN_CONFIGS]
+FWD_CONFIGS_SM90 = [
+    (64, 64, 4, 8, 2, 1), (64, 64, 4, 8, 3, 1), (64, 64, 4, 8, 2, 0), (64, 64, 2, 8, 3, 0), (64, 64, 2, 8, 3, 1),
+    (128, 64, 1, 8, 3, 0), (64, 64, 1, 4, 3, 0),
+]
+
+
+def _tma_ok() -> bool:
+    """Tensor descriptors need sm90+ and a scratch allocator for the on-device descriptors."""
+    if not (torch.cuda.is_available() and torch.cuda.get_device_capability()[0] >= 9):
+        return False
+    if not _ALLOC["set"]:
+        triton.set_allocator(lambda size, align, stream: torch.empty(size, dtype=torch.int8, device="cuda"))
+        _ALLOC["set"] = True
+    return True
+
+
+_ALLOC = {"set": False}
 
 
 def _prune(configs, named_args, **kwargs):
     a = {**named_args, **kwargs}
     bs, g = a["BS"], a["G"]
+    if any("TMA" in c.kwargs for c in configs):  # fwd: the sm90 list on Hopper, the generic one elsewhere
+        hopper = _tma_ok()
+        configs = [c for c in configs if c.kwargs.get("SM90", 0) == hopper] or configs
     ok = [c for c in configs if bs % c.kwargs["BLOCK_M"] == 0 and c.kwargs["BLOCK_M"] % c.kwargs["BLOCK_N"] == 0
           and g % c.kwargs["HPP"] == 0]
     return ok or configs[-1:]
 
 
-def tuned(kernel):
-    """``kernel`` autotuned over ATTN_CONFIGS (GPU launches without explicit tiles use this)."""
+def tuned(kernel, fwd: bool = False):
+    """``kernel`` autotuned over ATTN_CONFIGS (fwd: FWD_CONFIGS, or FWD_CONFIGS_SM90 on Hopper); GPU
+    launches without explicit tiles use it."""
     from catkit.utils.triton_utils import autotune
 
-    cfgs = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "HPP": h}, num_warps=w, num_stages=st)
-            for bm, bn, h, w, st in ATTN_CONFIGS]
+    if fwd:
+        cfgs = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "HPP": h, "TMA": t, "SM90": sm}, num_warps=w,
+                              num_stages=st)
+                for sm, table in ((1, FWD_CONFIGS_SM90), (0, FWD_CONFIGS)) for bm, bn, h, w, st, t in table]
+    else:
+        cfgs = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "HPP": h}, num_warps=w, num_stages=st)
+                for bm, bn, h, w, st in ATTN_CONFIGS]
     return autotune(cfgs, key=["D", "BS", "G", "MODE"], prune_configs_by={"early_config_prune": _prune})(kernel)
 
 
@@ -182,7 +223,9 @@ def run_tuned(kernel, grid, args, meta) -> bool:
 
 
 def pick_tiles(kind: str, block_size: int, D: int, tiles: dict | None, G: int = 1):
-    """(BLOCK_M, BLOCK_N, num_warps, num_stages, HPP) for one pass, checked against the block size."""
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages, HPP) for one pass, checked against the block size.
+
+    ``tiles[kind]`` may carry a sixth field, TMA (fwd only; read it with :func:`tile_tma`)."""
     if tiles is not None and kind in tiles:
         cfg = tuple(tiles[kind])
     elif block_size in GPU_TILES[kind]:
@@ -242,6 +285,12 @@ class Plan:
         return self.ridx, self.rcnt
 
 
+def tile_tma(tiles) -> int:
+    """The TMA flag of an explicit fwd tile tuple (0 when absent)."""
+    cfg = tuple(tiles["fwd"]) if tiles is not None and "fwd" in tiles else ()
+    return int(cfg[5]) if len(cfg) > 5 else 0
+
+
 def block_sparse_attention_fwd(q, k, v, plan: Plan, scale: float, tiles=None):
     """q [B, T, H, D], k/v [B, T, H_kv, D] contiguous -> (o [B, T, H, D], lse2 [B*T, H] base-2 float32)."""
     B, T, H, D = q.shape
@@ -259,10 +308,13 @@ def block_sparse_attention_fwd(q, k, v, plan: Plan, scale: float, tiles=None):
         grid = lambda M: (H // M["HPP"], triton.cdiv(plan.max_len, M["BLOCK_M"]), plan.n_seq)  # noqa: E731
         if not (tiles is None and q.is_cuda and run_tuned(_fwd_kernel_tuned, grid, args, meta)):
             bm, bn, w, s, hpp = pick_tiles("fwd", plan.block_size, D, tiles, H // Hkv)
+            tma = tile_tma(tiles)
+            if tma and q.is_cuda and not _tma_ok():
+                raise ValueError("_tiles: TMA tiles need an sm90+ GPU")
             _fwd_kernel[(H // hpp, triton.cdiv(plan.max_len, bm), plan.n_seq)](
-                *args, **meta, BLOCK_M=bm, BLOCK_N=bn, HPP=hpp, num_warps=w, num_stages=s)
+                *args, **meta, BLOCK_M=bm, BLOCK_N=bn, HPP=hpp, TMA=tma, num_warps=w, num_stages=s)
     return o.view(B, T, H, D), lse
 
 
 if triton is not None:
-    _fwd_kernel_tuned = tuned(_fwd_kernel)
+    _fwd_kernel_tuned = tuned(_fwd_kernel, fwd=True)
