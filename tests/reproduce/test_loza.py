@@ -47,7 +47,7 @@ def test_loza_pipeline_gpu_smoke(tmp_path):
     s = dataclasses.replace(gpu_setup(), d_model=128, n_layers=4, n_heads=2, n_kv_heads=1, context=1024,
                             recent_blocks=2, batch_size=4, corpus_max_bytes=1_000_000, pretrain_steps=5,
                             calib_steps=2, recover_steps=2, eval_batches=1, passkey_rows=4, speed_context=4096,
-                            speed_batch=2, decode_tokens=4)
+                            speed_batch=2, decode_tokens=4, curriculum=((0.0, 512, 0.75), (0.5, 1024, 0.5)))
     r = run_loza(str(tmp_path), s, device="cuda")
     assert r["device"] != "CPU" and len(r["variants"]["loza_50"]["layers"]) == 2
     sp = r["speed"]

@@ -420,7 +420,7 @@ def _plot(r: dict, path: str) -> str:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 4, figsize=(17, 3.8), dpi=110)
+    fig, axes = plt.subplots(1, 5, figsize=(21, 3.8), dpi=110)
     n = len(r["alphas"])
     chosen = set(r["variants"]["loza_50"]["layers"])
     axes[0].bar(range(n), r["alphas"], color=["tab:orange" if i in chosen else "tab:blue" for i in range(n)])
@@ -453,10 +453,35 @@ def _plot(r: dict, path: str) -> str:
     axes[3].set_xticks(list(range(len(keys))), [_LABELS[k] for k in keys], rotation=15)
     axes[3].set(title=f"relative to dense ({r['setup']['speed_context']} tokens)", ylabel="ratio")
     axes[3].legend(fontsize=8)
+    hist = r.get("pretrain_history") or []
+    for ctx in sorted({h.get("context", r["setup"]["context"]) for h in hist}):
+        pts = [(h["step"], h["loss"]) for h in hist if h.get("context", r["setup"]["context"]) == ctx]
+        axes[4].plot([p[0] for p in pts], [p[1] for p in pts], ".", ms=3, label=f"rows of {ctx}")
+    axes[4].set(title="dense pretraining (LM + weighted answer)", xlabel="step", ylabel="loss")
+    if hist:
+        axes[4].legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
     return path
+
+
+def _reading(r: dict) -> str:
+    """One paragraph that states the outcome from the numbers (whatever it is)."""
+    v = {k: x["after"] for k, x in r["variants"].items()}
+    d = v["dense"]
+    learned = d["passkey_acc"] >= 0.5
+    text = (f"**Reading.** The dense model {'learned' if learned else 'did not fully learn'} passkey retrieval at "
+            f"{r['setup']['context']} tokens: {d['passkey_acc']:.0%} exact, {d['passkey_digit_acc']:.0%} of digits "
+            f"(chance: 10% per digit). ")
+    digits = ", ".join(f"{_LABELS[k]} {x['passkey_digit_acc']:.0%}" for k, x in v.items())
+    losses = ", ".join(f"{_LABELS[k]} {x['lm_loss']:.4f}" for k, x in v.items())
+    text += f"Per digit after recovery: {digits}; LM loss {losses}. "
+    if not learned:
+        text += ("With exact match near zero the quality comparison rests on the per-digit accuracy and the LM loss; "
+                 "a longer pretraining (the loss was still falling at the last row length, see the last panel) "
+                 "is what a conclusive run needs.")
+    return text
 
 
 def _write_report(path: str, r: dict) -> None:
@@ -495,6 +520,7 @@ def _write_report(path: str, r: dict) -> None:
                      f"{b['passkey_acc']:.1%} | {a['passkey_acc']:.1%} | {a['passkey_digit_acc']:.1%} | "
                      f"{v['recover_steps']} |")
     lines += ["", "(dense: 'after conversion' is the pretrained model, 'after recovery' the same extra training.)", "",
+              _reading(r), "",
               f"## Speed and KV memory ({s['speed_batch']} x {s['speed_context']} tokens, "
               f"{'bf16' if r['device'] != 'CPU' else 'fp32'}, random weights)", "",
               "| model | prefill ms | decode ms / token | KV cache MiB | prefill speedup | decode speedup | KV vs dense |",
