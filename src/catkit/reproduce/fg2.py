@@ -10,8 +10,9 @@ every model is then scored on every setting. Metric: per-query accuracy (fractio
 keys whose value is predicted), the Zoology convention; exact-row accuracy is also recorded.
 
 Full run: one GPU, bf16 autocast, Triton kernels, 2000 steps per run, the 15 runs trained
-concurrently in separate processes (the tiny models are launch-bound, so one process leaves the GPU
-mostly idle), about 5 minutes on an H200.
+concurrently in separate processes: 441 s on an H200. Processes time-slice the GPU (no MPS), so
+this mostly hides the host time of the cheap attention runs; the delta-rule runs are bound by
+their many small kernels and gain little over one process (about 70 steps/s in all either way).
 ``quick``: a CPU-sized version of the same pipeline (smaller models and lengths, the PyTorch
 fallback of the delta layers on CPU), a couple of minutes on 2 cores; numbers there say little.
 """
