@@ -275,17 +275,23 @@ def _one(target, draft, val, ctx, b, P, spec, dev, common, w_t, w_d, bw, n_chunk
     spec4 = replace(spec, anchor_layers=tuple(range(0, cfg_t.n_layers, 4)))
     verifiers = {"dense": (None, None), "sparse": (spec, keep), "sparse_a4": (spec4, keep),
                  "keep_all": (spec, keep_all)}
+    def time_speculative(ver, g):
+        """(verify-pass ms, speculative result, seconds) of drafting ``g`` tokens per round."""
+        reset()
+        chunk = torch.cat([first, plain[:, :g]], 1)
+        v_ms = time_cuda(lambda: (work_t.pos.fill_(ctx - 1), ver(chunk)))
+        reset()
+        fd.greedy_speculative(dsteps, ver, work_t, work_d, first, n_new, g)  # warm
+        reset()
+        res, sec = _timed(lambda: fd.greedy_speculative(dsteps, ver, work_t, work_d, first, n_new, g), dev)
+        return v_ms, res, sec
+
     results = {}
     vms = {}
     for name, (sp, kp) in verifiers.items():
         reset()
         ver = fd.StepGraph(target, work_t, t_len, sparse=sp, keep=kp, compile=comp)
-        chunk = torch.cat([first, plain[:, : t_len - 1]], 1)
-        vms[name] = time_cuda(lambda: (work_t.pos.fill_(ctx - 1), ver(chunk)))
-        reset()
-        fd.greedy_speculative(dsteps, ver, work_t, work_d, first, n_new, gamma)  # warm
-        reset()
-        res, sec = _timed(lambda: fd.greedy_speculative(dsteps, ver, work_t, work_d, first, n_new, gamma), dev)
+        vms[name], res, sec = time_speculative(ver, gamma)
         nll = None
         if name != "keep_all":
             reset()
@@ -324,12 +330,7 @@ def _one(target, draft, val, ctx, b, P, spec, dev, common, w_t, w_d, bw, n_chunk
     for g in P["extra_gammas"]:
         reset()
         ver = fd.StepGraph(target, work_t, g + 1, compile=comp)
-        chunk = torch.cat([first, plain[:, :g]], 1)
-        v_ms = time_cuda(lambda: (work_t.pos.fill_(ctx - 1), ver(chunk)))
-        reset()
-        fd.greedy_speculative(dsteps, ver, work_t, work_d, first, n_new, g)  # warm
-        reset()
-        res, sec = _timed(lambda: fd.greedy_speculative(dsteps, ver, work_t, work_d, first, n_new, g), dev)
+        v_ms, res, sec = time_speculative(ver, g)
         ok, info = fd.first_divergence(plain, res.tokens, gaps, TIE_TOL)
         tps, acc = b * n_new / sec, res.mean_acceptance_length
         round_floor = g * (w_d + b * kv_d) / bw + (w_t + b * kv_t) / bw

@@ -27,6 +27,7 @@ else:  # pragma: no cover
 # Level 1: Triton kernels
 # ---------------------------------------------------------------------------------------------
 if triton is not None:
+    from catkit.ops.sparse_attention.prefill_fwd import _query_rows, _streaming_bounds
 
     @triton.jit
     def _delta_kernel(O, DO, DELTA, n_rows, D: tl.constexpr, BLOCK_R: tl.constexpr):
@@ -78,12 +79,7 @@ if triton is not None:
         L = tl.load(CU + pid_b + 1) - bos
         m0 = pid_m * BLOCK_M
         if m0 < L:
-            hkv = (pid_h * HPP) // G
-            qb = m0 // BS
-            rows = tl.arange(0, HPP * BLOCK_M)
-            offs_m = m0 + rows % BLOCK_M
-            head = pid_h * HPP + rows // BLOCK_M
-            offs_d = tl.arange(0, D)
+            hkv, qb, offs_m, head, offs_d = _query_rows(pid_h, m0, G, BS, D, BLOCK_M, HPP)
             row_ok = offs_m < L
             qo = (bos + offs_m)[:, None] * stride_qt + head[:, None] * stride_qh + offs_d[None, :]
             q = tl.load(Q + qo, mask=row_ok[:, None], other=0.0)
@@ -95,11 +91,7 @@ if triton is not None:
             Vb = V + bos * stride_vt + hkv * stride_vh
             dq = tl.zeros([HPP * BLOCK_M, D], dtype=tl.float32)
             if MODE == 0:
-                w_lo = tl.maximum(qb - RECENT + 1, 0)
-                if qb < SINK:
-                    w_lo = tl.minimum(w_lo, qb)
-                s_hi = tl.minimum(SINK, w_lo) * BS
-                n_full = s_hi + tl.where(w_lo <= qb, m0 - w_lo * BS, 0)
+                w_lo, s_hi, n_full = _streaming_bounds(qb, m0, SINK, RECENT, BS)
                 dq = _dq_range(dq, q, do, lse, delta, Kb, Vb, stride_kt, stride_vt, 0, n_full, s_hi,
                                w_lo * BS - s_hi, offs_m, L, qk_scale, BLOCK_N, D, False)
                 if w_lo <= qb:

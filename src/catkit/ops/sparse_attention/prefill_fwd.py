@@ -34,6 +34,29 @@ MODE_STREAM, MODE_INDEX = 0, 1
 if triton is not None:
 
     @triton.jit
+    def _query_rows(pid_h, m0, G: tl.constexpr, BS: tl.constexpr, D: tl.constexpr,
+                    BLOCK_M: tl.constexpr, HPP: tl.constexpr):
+        """(KV head, query block, token offsets, head per row, feature offsets) of a program that
+        stacks HPP query heads of one GQA group x BLOCK_M tokens as rows (fwd and dq share it)."""
+        rows = tl.arange(0, HPP * BLOCK_M)
+        return ((pid_h * HPP) // G, m0 // BS, m0 + rows % BLOCK_M, pid_h * HPP + rows // BLOCK_M,
+                tl.arange(0, D))
+
+    @triton.jit
+    def _streaming_bounds(qb, m0, SINK, RECENT, BS: tl.constexpr):
+        """The streaming pattern's key ranges for query block qb starting at token m0: window blocks
+        [w_lo, qb] (own block included when recent >= 1 or qb is a sink), sink blocks
+        [0, min(SINK, w_lo)). Returns (w_lo, s_hi, n_full): the walk covers virtual positions
+        [0, n_full) with keys jumping by w_lo * BS - s_hi at s_hi (the unmasked part); the masked
+        diagonal tile follows when w_lo <= qb."""
+        w_lo = tl.maximum(qb - RECENT + 1, 0)
+        if qb < SINK:
+            w_lo = tl.minimum(w_lo, qb)
+        s_hi = tl.minimum(SINK, w_lo) * BS
+        n_full = s_hi + tl.where(w_lo <= qb, m0 - w_lo * BS, 0)
+        return w_lo, s_hi, n_full
+
+    @triton.jit
     def _fwd_range(acc, m_i, l_i, q, Kb, Vb, stride_kt, stride_vt, lo, hi, split, gap, q_pos, L, qk_scale,
                    BLOCK_N: tl.constexpr, D: tl.constexpr, MASKED: tl.constexpr, TMA: tl.constexpr):
         # Virtual positions v in [lo, hi); keys start at v, or v + gap once v >= split. With TMA, Kb/Vb
@@ -84,12 +107,7 @@ if triton is not None:
         L = tl.load(CU + pid_b + 1) - bos
         m0 = pid_m * BLOCK_M
         if m0 < L:
-            hkv = (pid_h * HPP) // G
-            qb = m0 // BS
-            rows = tl.arange(0, HPP * BLOCK_M)
-            offs_m = m0 + rows % BLOCK_M
-            head = pid_h * HPP + rows // BLOCK_M
-            offs_d = tl.arange(0, D)
+            hkv, qb, offs_m, head, offs_d = _query_rows(pid_h, m0, G, BS, D, BLOCK_M, HPP)
             row_ok = offs_m < L
             q = tl.load(Q + (bos + offs_m)[:, None] * stride_qt + head[:, None] * stride_qh + offs_d[None, :],
                         mask=row_ok[:, None], other=0.0)
@@ -102,13 +120,7 @@ if triton is not None:
             m_i = tl.zeros([HPP * BLOCK_M], dtype=tl.float32) - 1.0e30
             l_i = tl.zeros([HPP * BLOCK_M], dtype=tl.float32)
             if MODE == 0:
-                # Window blocks [w_lo, qb] (own block included when recent >= 1 or qb is a sink),
-                # sink blocks [0, min(SINK, w_lo)).
-                w_lo = tl.maximum(qb - RECENT + 1, 0)
-                if qb < SINK:
-                    w_lo = tl.minimum(w_lo, qb)
-                s_hi = tl.minimum(SINK, w_lo) * BS
-                n_full = s_hi + tl.where(w_lo <= qb, m0 - w_lo * BS, 0)
+                w_lo, s_hi, n_full = _streaming_bounds(qb, m0, SINK, RECENT, BS)
                 acc, m_i, l_i = _fwd_range(acc, m_i, l_i, q, Kb, Vb, stride_kt, stride_vt, 0, n_full, s_hi,
                                            w_lo * BS - s_hi, offs_m, L, qk_scale, BLOCK_N, D, False, TMA)
                 if w_lo <= qb:
