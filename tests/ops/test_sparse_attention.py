@@ -420,3 +420,14 @@ def test_gpu_decode_bf16(seed):
         err = rel_rms(o, ref)
         print(f"[gpu decode {name}] rel RMS {err:.2e}")
         assert err < 2e-2, name
+
+
+def test_autotuners_are_kept_per_length_bucket(monkeypatch):
+    import catkit.ops.sparse_attention.prefill_fwd as pf
+
+    assert [pf.length_bucket(t) for t in (1, 4096, 8191, 16384, 32768, 65536, 131072, 1 << 20)] == [0, 0, 0, 1, 2, 3, 4, 4]
+    made = []
+    monkeypatch.setattr(pf, "tuned", lambda kernel, fwd=False: made.append(kernel) or object())
+    tuner = pf.TunedByLength("kernel")
+    a, b, c = tuner.for_tokens(4096), tuner.for_tokens(8000), tuner.for_tokens(131072)
+    assert a is b and a is not c and made == ["kernel", "kernel"]

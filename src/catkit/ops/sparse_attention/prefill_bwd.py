@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from catkit.ops.sparse_attention.prefill_fwd import LOG2E, MODE_INDEX, Plan, pick_tiles, run_tuned, tuned
+from catkit.ops.sparse_attention.prefill_fwd import LOG2E, MODE_INDEX, Plan, TunedByLength, pick_tiles, run_tuned
 from catkit.utils.triton_utils import triton_available
 
 if triton_available():
@@ -226,7 +226,7 @@ if triton is not None:
                          dv.to(DV.dtype.element_ty), mask=col_ok[:, None])
 
 
-    _dq_kernel_tuned = tuned(_dq_kernel)
+    _dq_kernel_tuned = TunedByLength(_dq_kernel)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -278,7 +278,7 @@ def block_sparse_attention_bwd(do, q, k, v, o, lse, plan: Plan, scale: float, ti
             H, plan.sink, plan.recent)
     meta = dict(G=H // Hkv, BS=bs, D=D, MODE=plan.mode)
     grid = lambda M: (H // M["HPP"], triton.cdiv(plan.max_len, M["BLOCK_M"]), plan.n_seq)  # noqa: E731
-    if not (tiles is None and q.is_cuda and run_tuned(_dq_kernel_tuned, grid, args, meta)):
+    if not (tiles is None and q.is_cuda and run_tuned(_dq_kernel_tuned.for_tokens(qf.shape[0]), grid, args, meta)):
         bm, bn, w, s, hpp = pick_tiles("dq", bs, D, tiles, H // Hkv)
         _dq_kernel[(H // hpp, triton.cdiv(plan.max_len, bm), plan.n_seq)](
             *args, **meta, BLOCK_M=bm, BLOCK_N=bn, HPP=hpp, num_warps=w, num_stages=s)
