@@ -247,10 +247,11 @@ def chunk_bwd_dqkg_intra_kernel(q, k, G, dA, dP, dq0, dk0, dq, dk, dg, chunk_ind
     # l(r) = block(r) * BC + l). With l as the column j: dq_i, dk_i (via A) gather over j <= i;
     # with l as the row i: dk_j gathers over i >= j. Both are plain elementwise updates of
     # [BT, BKS] tiles, with per-pair exponents that are <= 0; the two triangles share one exp.
+    off0 = off - (rl * (H * K))[:, None]  # row block(r) * BC of every tile row
     for l in range(0, BC):
         lr = rb * BC + l
         lm = ((t0 + lr) < eos)[:, None] & (ck[None, :] < K)
-        offl = (t0 + lr)[:, None] * (H * K) + i_h * K + ck[None, :]
+        offl = off0 + l * (H * K)
         k_l = tl.load(k + offl, mask=lm, other=0.0).to(tl.float32)
         q_l = tl.load(q + offl, mask=lm, other=0.0).to(tl.float32)
         G_l2 = tl.load(G + offl, mask=lm, other=0.0)
