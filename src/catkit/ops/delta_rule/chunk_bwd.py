@@ -12,10 +12,12 @@ Kd = K * exp(G_C - G)::
 ``chunk_bwd_dv_local`` writes the chunk-local part of dVn (parallel over chunks);
 ``chunk_bwd_state`` runs the reverse recurrence per (sequence, head, V tile); ``chunk_bwd_dap``
 (per chunk) writes dv~ and the gradients of A and P. dq, dk~ and dg (fp32, per channel) come from
-two kernels per (chunk, head, block of key channels), so that neither holds more than about six
-[BT, BKS] fp32 tiles (the fused form used 255 registers and spilled): ``chunk_bwd_dqkg_inter``
-(the V loop with the states, and T^T dW) writes the partial dq, dk~ (fp32 scratch) and dG;
-``chunk_bwd_dqkg_intra`` adds the A and P terms and writes dq, dk~ and dg.
+two kernels per (block of key channels, chunk, head) instead of one fused kernel (255 registers
+with spills on sm_90, one program per SM): ``chunk_bwd_dqkg_inter`` does all the tensor-core work
+(the V loop with the states, T^T dW, the sub-chunk blocks of A and P below the diagonal) and writes
+partial dq, dk~ (fp32 scratch) and dG; ``chunk_bwd_dqkg_intra`` adds the diagonal 16x16 blocks
+(per-pair exponents, a latency-bound elementwise loop at about 80 registers, several programs per
+SM) and writes dq, dk~ and dg.
 """
 
 from __future__ import annotations
@@ -140,16 +142,18 @@ def chunk_bwd_dap_kernel(k, v, G, Tm, vn, h, do, dvn, dv, dA, dP, chunk_indices,
 
 
 @triton.jit
-def chunk_bwd_dqkg_inter_kernel(q, k, G, Tm, vn, h, dh, do, dvn, dq0, dk0, dg,
+def chunk_bwd_dqkg_inter_kernel(q, k, G, Tm, vn, h, dh, do, dvn, dA, dP, dq0, dk0, dg,
                                 chunk_indices, cu_seqlens, scale,
                                 H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr,
-                                BKS: tl.constexpr, BV: tl.constexpr, OP_BF16: tl.constexpr,
-                                DOT_PREC: tl.constexpr):
-    # The state (inter-chunk) half of dq, dk~, dG, per (chunk, head, block of BKS key channels):
-    # the V loop (dW = -dVn S^T, dKd = Vn dS_C^T, dQ = dO S^T, dG_C) then dKg = T^T dW. Only the
-    # three [BT, BKS] accumulators live through the loop; q and k are read after it. Writes the
-    # partial dq, dk~ (fp32 scratch) and dG (into dg); chunk_bwd_dqkg_intra adds the A/P terms.
-    i_t, i_h, i_k = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+                                BC: tl.constexpr, BKS: tl.constexpr, BV: tl.constexpr,
+                                OP_BF16: tl.constexpr, DOT_PREC: tl.constexpr):
+    # dq, dk~, dG of everything but the diagonal 16x16 blocks of A and P, per (block of BKS key
+    # channels, chunk, head): the V loop with the states (dW = -dVn S^T, dKd = Vn dS_C^T,
+    # dQ = dO S^T, dG_C), dKg = T^T dW, then the blocks of A and P below the diagonal (tensor-core
+    # products). Writes the partial dq, dk~ (fp32 scratch) and dG (into dg) that
+    # chunk_bwd_dqkg_intra completes. The key block is the fastest grid axis, so the programs
+    # sharing a chunk's Vn, dVn, dO, T, dA, dP run together and find them in L2.
+    i_k, i_t, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     t0, eos = _seq_bounds(chunk_indices, cu_seqlens, i_t, BT)
     rows = tl.arange(0, BT)
     cols = tl.arange(0, BT)
@@ -192,42 +196,17 @@ def chunk_bwd_dqkg_inter_kernel(q, k, G, Tm, vn, h, dh, do, dvn, dq0, dk0, dg,
     b_q = tl.load(q + off, mask=m, other=0.0).to(tl.float32)
     b_k = tl.load(k + off, mask=m, other=0.0).to(tl.float32)
     b_dGl = b_dGl * tl.exp(G_l) + tl.sum(b_k * b_dKd, axis=0)
-    b_dG = b_q * b_dQ + b_k * (b_dKg - b_dKd)
-    b_dG += tl.where(rows[:, None] == (last - t0), b_dGl[None, :], 0.0)
-    tl.store(dq0 + off, b_dQ, mask=m)
-    tl.store(dk0 + off, b_dKg + b_dKd, mask=m)
-    tl.store(dg + off, b_dG, mask=m)
+    # Three accumulators: dq, dk~ and X with dG = q dq + k X (+ dG_C on the last row)
+    acc_dk = b_dKg + b_dKd
+    acc_x = b_dKg - b_dKd
 
-
-@triton.jit
-def chunk_bwd_dqkg_intra_kernel(q, k, G, dA, dP, dq0, dk0, dq, dk, dg, chunk_indices, cu_seqlens,
-                                H: tl.constexpr, K: tl.constexpr, BT: tl.constexpr,
-                                BC: tl.constexpr, BKS: tl.constexpr, DOT_PREC: tl.constexpr):
-    # The A/P (intra-chunk) half, per (chunk, head, block of BKS key channels), then the final dq,
-    # dk~ and dg. Live [BT, BKS] tiles: q, k, G and three accumulators (dq from P, dk~ from A over
-    # j <= i, dk~ gathered over i >= j); the [BT, BT] dA and dP only during the sub-chunk loop.
-    i_t, i_h, i_k = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    t0, eos = _seq_bounds(chunk_indices, cu_seqlens, i_t, BT)
+    # Blocks of A and P below the diagonal (sub-chunk blocks): P_ij and A_ij hold exp(G_ic - G_jc)
+    # per channel, factored through the last row r of column block b, exp(G_i - G_r) (F, rows
+    # below block b) times exp(G_r - G_j) (Rf, rows of block b), both exponents <= 0 (see
+    # chunk_prep). F and Rf occupy disjoint rows and share one exp. dP feeds dq and, with dA, the
+    # dk~ of the rows j of block b (gathered over the rows i below it); dA feeds dk~.
     NS: tl.constexpr = BT // BC
-    rows = tl.arange(0, BT)
-    cols = tl.arange(0, BT)
     rb = rows // BC
-    rl = rows % BC
-    ck = i_k * BKS + tl.arange(0, BKS)
-    valid = (t0 + rows) < eos
-    m = valid[:, None] & (ck[None, :] < K)
-    off = (t0 + rows)[:, None] * (H * K) + i_h * K + ck[None, :]
-    offc = (t0 + rows)[:, None] * (H * BT) + i_h * BT + cols[None, :]
-    b_k = tl.load(k + off, mask=m, other=0.0).to(tl.float32)
-    b_q = tl.load(q + off, mask=m, other=0.0).to(tl.float32)
-    b_G = tl.load(G + off, mask=m, other=0.0)
-
-    # P_ij and A_ij hold exp(G_ic - G_jc) per channel. Below-diagonal sub-chunk blocks factor it
-    # through the last row r of column block b (both exponents <= 0, see chunk_prep). F (rows
-    # below block b) and Rf (rows of block b) occupy disjoint rows, so one exp serves both.
-    b_dqP = tl.zeros([BT, BKS], dtype=tl.float32)
-    b_dkA = tl.zeros([BT, BKS], dtype=tl.float32)
-    b_dkJ = tl.zeros([BT, BKS], dtype=tl.float32)
     if NS > 1:
         b_dA = tl.load(dA + offc, mask=valid[:, None], other=0.0)
         b_dP = tl.load(dP + offc, mask=valid[:, None], other=0.0)
@@ -239,14 +218,47 @@ def chunk_bwd_dqkg_intra_kernel(q, k, G, dA, dP, dq0, dk0, dq, dk, dg, chunk_ind
             e = tl.exp(tl.where(lm, b_G - G_r[None, :], tl.where(rm, G_r[None, :] - b_G, 0.0)))
             F = tl.where(lm, e, 0.0)
             b_kr = tl.where(rm, b_k * e, 0.0)
-            b_dqP += F * tl.dot(b_dP, b_kr, input_precision=DOT_PREC)
-            b_dkA += F * tl.dot(b_dA, b_kr, input_precision=DOT_PREC)
-            b_dkJ += tl.where(rm, e, 0.0) * (tl.dot(tl.trans(b_dP), b_q * F, input_precision=DOT_PREC)
-                                             + tl.dot(tl.trans(b_dA), b_k * F, input_precision=DOT_PREC))
-    # Diagonal blocks, one row l of every 16-row block per step (row r of the tile pairs with row
+            b_dQ += F * tl.dot(b_dP, b_kr, input_precision=DOT_PREC)
+            u = F * tl.dot(b_dA, b_kr, input_precision=DOT_PREC)
+            u_j = tl.where(rm, e, 0.0) * (tl.dot(tl.trans(b_dP), b_q * F, input_precision=DOT_PREC)
+                                          + tl.dot(tl.trans(b_dA), b_k * F, input_precision=DOT_PREC))
+            acc_dk += u + u_j
+            acc_x += u - u_j
+    b_dG = b_q * b_dQ + b_k * acc_x
+    b_dG += tl.where(rows[:, None] == (last - t0), b_dGl[None, :], 0.0)
+    tl.store(dq0 + off, b_dQ, mask=m)
+    tl.store(dk0 + off, acc_dk, mask=m)
+    tl.store(dg + off, b_dG, mask=m)
+
+
+@triton.jit
+def chunk_bwd_dqkg_intra_kernel(q, k, G, dA, dP, dq0, dk0, dq, dk, dg, chunk_indices, cu_seqlens,
+                                H: tl.constexpr, K: tl.constexpr, BT: tl.constexpr,
+                                BC: tl.constexpr, BKS: tl.constexpr):
+    # The diagonal 16x16 blocks of A and P, per (block of BKS key channels, chunk, head), then the
+    # final dq, dk~ and dg. Per-pair exponents make this a latency-bound elementwise loop; with
+    # no products and no [BT, BT] tiles it needs few registers (q, k, G and three accumulators),
+    # so several programs share an SM to hide the latency of its gathered loads.
+    i_k, i_t, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    t0, eos = _seq_bounds(chunk_indices, cu_seqlens, i_t, BT)
+    rows = tl.arange(0, BT)
+    rb = rows // BC
+    rl = rows % BC
+    ck = i_k * BKS + tl.arange(0, BKS)
+    valid = (t0 + rows) < eos
+    m = valid[:, None] & (ck[None, :] < K)
+    off = (t0 + rows)[:, None] * (H * K) + i_h * K + ck[None, :]
+    b_k = tl.load(k + off, mask=m, other=0.0).to(tl.float32)
+    b_q = tl.load(q + off, mask=m, other=0.0).to(tl.float32)
+    b_G = tl.load(G + off, mask=m, other=0.0)
+
+    # One row l of every 16-row block per step (row r of the tile pairs with row
     # l(r) = block(r) * BC + l). With l as the column j: dq_i, dk_i (via A) gather over j <= i;
     # with l as the row i: dk_j gathers over i >= j. Both are plain elementwise updates of
     # [BT, BKS] tiles, with per-pair exponents that are <= 0; the two triangles share one exp.
+    b_dqP = tl.zeros([BT, BKS], dtype=tl.float32)
+    b_dkA = tl.zeros([BT, BKS], dtype=tl.float32)
+    b_dkJ = tl.zeros([BT, BKS], dtype=tl.float32)
     off0 = off - (rl * (H * K))[:, None]  # row block(r) * BC of every tile row
     for l in range(0, BC):
         lr = rb * BC + l
@@ -289,20 +301,20 @@ BWD_BF16 = True
 
 def dqkg_inter_options(BK, K, V):
     """(BKS, BV, num_warps, num_stages) to try for chunk_bwd_dqkg_inter; the first that compiles
-    runs. The first block is half of K (at most 64): wide products and fewer re-reads of the
-    V-sized operands, yet two programs per (chunk, head) for K > 16 (and a multi-block grid in
-    the CPU tests). ``scripts/sweep_delta_bwd.py`` times every option on a GPU."""
-    top = min(64, max(16, BK // 2))
+    runs (``scripts/sweep_delta_bwd.py`` times them all on a GPU). Its [BT, BT] dA, dP and T tiles
+    leave room for 32 key channels at 8 warps (sm_90 ptxas, K = V = 128: about 235 registers,
+    no spills; 64 channels spill)."""
+    top = min(32, BK)
     bvs = sorted({vtile_options(V)[0]["BV"], 16}, reverse=True)
     return [dict(BKS=b, BV=bv, num_warps=w, num_stages=st) for st in _stages()
-            for b in sorted({top, min(32, top), 16}, reverse=True) for bv in bvs for w in (8, 4)]
+            for b in sorted({top, 16}, reverse=True) for bv in bvs for w in (8, 4)]
 
 
 def dqkg_intra_options(BK, K):
-    """(BKS, num_warps, num_stages) to try for chunk_bwd_dqkg_intra; the first that compiles runs
-    (a 64-wide block last: six [BT, 64] fp32 tiles are near the register limit at 8 warps)."""
-    opts = [dict(BKS=kb["BKS"], num_warps=kb["num_warps"], num_stages=kb["num_stages"])
-            for kb in kblock_options(BK, K)]
+    """(BKS, num_warps, num_stages) to try for chunk_bwd_dqkg_intra (about 80 registers at 32
+    channels and 8 warps, so three programs fit an SM); the first that compiles runs."""
+    opts = [dict(BKS=b, num_warps=w, num_stages=st) for st in _stages()
+            for b in sorted({min(32, BK), 16}, reverse=True) for w in (8, 4)]
     if BK >= 64:
         opts += [dict(BKS=64, num_warps=8, num_stages=st) for st in _stages()]
     return opts
@@ -347,11 +359,11 @@ def chunk_bwd(q, k, v, saved, do, dht, scale, meta, need_dh0):
     # (each intra program reads its block before it overwrites it), and dg holds the partial dG.
     dq0 = dq if dq.dtype == torch.float32 else torch.empty(NTOK, H, K, device=dev, dtype=torch.float32)
     dk0 = dk if dk.dtype == torch.float32 else torch.empty_like(dq0)
-    launch(chunk_bwd_dqkg_inter_kernel, lambda opt: (NT, H, triton.cdiv(K, opt["BKS"])),
-           (q, k, G, Tm, vn, h, dh, do, dvn, dq0, dk0, dg, ci, cu, scale),
-           dict(H=H, K=K, V=V, BT=BT, OP_BF16=pr["OP_BF16"] and BWD_BF16, DOT_PREC=prec),
+    launch(chunk_bwd_dqkg_inter_kernel, lambda opt: (triton.cdiv(K, opt["BKS"]), NT, H),
+           (q, k, G, Tm, vn, h, dh, do, dvn, dA, dP, dq0, dk0, dg, ci, cu, scale),
+           dict(H=H, K=K, V=V, BT=BT, BC=min(16, BT), OP_BF16=pr["OP_BF16"] and BWD_BF16, DOT_PREC=prec),
            dqkg_inter_options(BK, K, V))
-    launch(chunk_bwd_dqkg_intra_kernel, lambda opt: (NT, H, triton.cdiv(K, opt["BKS"])),
+    launch(chunk_bwd_dqkg_intra_kernel, lambda opt: (triton.cdiv(K, opt["BKS"]), NT, H),
            (q, k, G, dA, dP, dq0, dk0, dq, dk, dg, ci, cu),
-           dict(H=H, K=K, BT=BT, BC=min(16, BT), DOT_PREC=prec), dqkg_intra_options(BK, K))
+           dict(H=H, K=K, BT=BT, BC=min(16, BT)), dqkg_intra_options(BK, K))
     return dq, dk, dv, dg, (dh0 if need_dh0 else None)
