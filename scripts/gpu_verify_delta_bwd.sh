@@ -27,7 +27,8 @@ else
     echo "gpu_verify: no fla wheels installed (WHL_DIR=${whl:-unset}); fla rows will be missing" | tee -a "$out/pip.log"
 fi
 export PYTHONPATH="${site}$PWD/src"
-{ nvidia-smi --query-gpu=name,driver_version --format=csv,noheader; git log -1 --oneline 2>/dev/null
+{ nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
+  git log -1 --oneline 2>/dev/null || cat COMMIT 2>/dev/null  # a git-archive copy carries COMMIT
   python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"; } \
     2>&1 | tee "$out/env.log"
 steps=" ${STEPS:-gpu_tests profile bench} "

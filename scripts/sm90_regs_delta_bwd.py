@@ -45,10 +45,12 @@ def main():
     base = dict(H=H, K=K, V=V, BT=BT, BC=16, OP_BF16=True, DOT_PREC="tf32")
     for opt in cb.dqkg_inter_options(BK, K, V):
         o = {n: v for n, v in opt.items() if n not in ("num_warps", "num_stages")}
-        print("inter", opt, usage(cb.chunk_bwd_dqkg_inter_kernel, {**base, **o}, opt["num_warps"]), flush=True)
+        regs = usage(cb.chunk_bwd_dqkg_inter_kernel, {**base, **o}, opt["num_warps"])
+        print("inter", opt, regs, flush=True)
     for opt in cb.dqkg_intra_options(BK, K):
         o = {n: v for n, v in opt.items() if n not in ("num_warps", "num_stages")}
-        print("intra", opt, usage(cb.chunk_bwd_dqkg_intra_kernel, {**base, **o}, opt["num_warps"]), flush=True)
+        regs = usage(cb.chunk_bwd_dqkg_intra_kernel, {**base, **o}, opt["num_warps"])
+        print("intra", opt, regs, flush=True)
 
 
 if __name__ == "__main__":
