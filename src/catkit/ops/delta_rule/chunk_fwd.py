@@ -85,65 +85,57 @@ def chunk_intra_kernel(q, k, G, A, P, Tm, chunk_indices, cu_seqlens,
     """Rows of sub-chunk ``a`` (BC rows) of A = strict_lower(K D K^T) and P = lower(Q D K^T), and
     the inverse (I + A_aa)^-1 of the diagonal block, written into the diagonal block of ``Tm``.
 
-    One small program per (chunk, head, sub-chunk) keeps the register footprint low, so many run
-    per SM and hide the latency of the per-column loop on the diagonal block.
+    One small program per (chunk, head, sub-chunk); it reads its own rows once per key block and
+    the rows left of it once (bytes per program ~ (3 BC + 2 a BC) K words in, (2 a + 3) BC^2 out).
     """
     i_t, i_h, i_a = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     t0, eos = _seq_bounds(chunk_indices, cu_seqlens, i_t, BT)
     c16 = tl.arange(0, BC)
+    cols = tl.arange(0, BT)
     ra = i_a * BC + c16  # this block's rows, inside the chunk
     valid = (t0 + ra) < eos
     offa = (t0 + ra)[:, None] * (H * BT) + i_h * BT
-    # Blocks left of the diagonal: exp(G_i - G_j) = exp(G_i - G_r) exp(G_r - G_j) with G_r the
-    # cumulative decay at the last row of column block b; both exponents are <= 0, so neither
-    # factor can overflow however strong the decay, and the products run on tensor cores.
-    # a sub-chunk past the sequence end writes nothing; its blocks may not read past it either
-    n_left = tl.where(t0 + i_a * BC < eos, i_a, 0)
-    for b in range(0, n_left):
-        r_ref = tl.minimum(t0 + b * BC + BC - 1, eos - 1)
-        b_a = tl.zeros([BC, BC], dtype=tl.float32)
-        b_p = tl.zeros([BC, BC], dtype=tl.float32)
-        for i_k in range(0, NK):
-            ck = i_k * BKS + tl.arange(0, BKS)
-            m = valid[:, None] & (ck[None, :] < K)
-            mb = ((t0 + b * BC + c16) < eos)[:, None] & (ck[None, :] < K)
-            off = (t0 + ra)[:, None] * (H * K) + i_h * K + ck[None, :]
-            offb = (t0 + b * BC + c16)[:, None] * (H * K) + i_h * K + ck[None, :]
-            b_k = tl.load(k + off, mask=m, other=0.0).to(tl.float32)
-            b_q = tl.load(q + off, mask=m, other=0.0).to(tl.float32)
-            b_G = tl.load(G + off, mask=m, other=0.0)
-            b_kb = tl.load(k + offb, mask=mb, other=0.0).to(tl.float32)
-            b_Gb = tl.load(G + offb, mask=mb, other=0.0)
-            G_r = tl.load(G + r_ref * (H * K) + i_h * K + ck, mask=ck < K, other=0.0)
-            F = tl.where(m, tl.exp(tl.where(m, b_G - G_r[None, :], 0.0)), 0.0)
-            R = tl.where(mb, b_kb * tl.exp(tl.where(mb, G_r[None, :] - b_Gb, 0.0)), 0.0)
-            b_a += tl.dot(b_k * F, tl.trans(R), input_precision=DOT_PREC)
-            b_p += tl.dot(b_q * F, tl.trans(R), input_precision=DOT_PREC)
-        tl.store(A + offa + b * BC + c16[None, :], b_a, mask=valid[:, None])
-        tl.store(P + offa + b * BC + c16[None, :], b_p, mask=valid[:, None])
-    # Diagonal block: the exact per-pair ratio, one column at a time.
+    # All blocks left of the diagonal at once: exp(G_i - G_j) = exp(G_i - G_r) exp(G_r - G_j) with
+    # r the row just before this block, so both exponents are <= 0 for every i in the block and
+    # every j < r + 1: no factor can overflow however strong the decay (a factor that underflows
+    # stands for a product that is smaller still), and the products run on tensor cores as one
+    # [BC, BKS] x [BKS, BT] dot per key block (columns >= a*BC are masked to zero).
+    left = (cols < i_a * BC) & ((t0 + cols) < eos)
+    r_ref = tl.minimum(tl.maximum(t0 + i_a * BC - 1, t0), eos - 1)
+    lower = c16[:, None] >= c16[None, :]
+    b_al = tl.zeros([BC, BT], dtype=tl.float32)
+    b_pl = tl.zeros([BC, BT], dtype=tl.float32)
     b_a = tl.zeros([BC, BC], dtype=tl.float32)
     b_p = tl.zeros([BC, BC], dtype=tl.float32)
     for i_k in range(0, NK):
         ck = i_k * BKS + tl.arange(0, BKS)
         m = valid[:, None] & (ck[None, :] < K)
+        ml = left[:, None] & (ck[None, :] < K)
         off = (t0 + ra)[:, None] * (H * K) + i_h * K + ck[None, :]
+        offl = (t0 + cols)[:, None] * (H * K) + i_h * K + ck[None, :]
         b_k = tl.load(k + off, mask=m, other=0.0).to(tl.float32)
         b_q = tl.load(q + off, mask=m, other=0.0).to(tl.float32)
         b_G = tl.load(G + off, mask=m, other=0.0)
-        for jl in range(0, BC):
-            jm = (ck < K) & ((t0 + i_a * BC + jl + ck * 0) < eos)
-            offj = (t0 + i_a * BC + jl) * (H * K) + i_h * K + ck
-            k_j = tl.load(k + offj, mask=jm, other=0.0).to(tl.float32)
-            G_j = tl.load(G + offj, mask=jm, other=0.0)
-            lo = (c16 >= jl)[:, None] & m
-            E = tl.where(lo, tl.exp(tl.where(lo, b_G - G_j[None, :], 0.0)), 0.0)
-            kE = k_j[None, :] * E
-            colA = tl.where(c16 > jl, tl.sum(b_k * kE, axis=1), 0.0)
-            colP = tl.sum(b_q * kE, axis=1)
-            sel = c16[None, :] == jl
-            b_a += tl.where(sel, colA[:, None], 0.0)
-            b_p += tl.where(sel, colP[:, None], 0.0)
+        G_r = tl.load(G + r_ref * (H * K) + i_h * K + ck, mask=ck < K, other=0.0)
+        b_kl = tl.load(k + offl, mask=ml, other=0.0).to(tl.float32)
+        b_Gl = tl.load(G + offl, mask=ml, other=0.0)
+        F = tl.where(m, tl.exp(tl.where(m, b_G - G_r[None, :], 0.0)), 0.0)
+        R = tl.where(ml, b_kl * tl.exp(tl.where(ml, G_r[None, :] - b_Gl, 0.0)), 0.0)
+        b_al += tl.dot(b_k * F, tl.trans(R), input_precision=DOT_PREC)
+        b_pl += tl.dot(b_q * F, tl.trans(R), input_precision=DOT_PREC)
+        # Diagonal block: the exact per-pair ratio as one [BC, BC, BKS] form (no per-column loop,
+        # no row re-loads). min(., 0) keeps the unused upper pairs (G_i - G_j >= 0) from
+        # overflowing; they are dropped by the triangle masks below. Rows/columns past the
+        # sequence end have k = q = 0, so they add nothing.
+        E = tl.exp(tl.minimum(b_G[:, None, :] - b_G[None, :, :], 0.0))
+        kE = b_k[None, :, :] * E
+        b_a += tl.sum(b_k[:, None, :] * kE, axis=2)
+        b_p += tl.sum(b_q[:, None, :] * kE, axis=2)
+    b_a = tl.where(c16[:, None] > c16[None, :], b_a, 0.0)
+    b_p = tl.where(lower, b_p, 0.0)
+    ml = valid[:, None] & (cols[None, :] < i_a * BC)
+    tl.store(A + offa + cols[None, :], b_al, mask=ml)
+    tl.store(P + offa + cols[None, :], b_pl, mask=ml)
     tl.store(A + offa + i_a * BC + c16[None, :], b_a, mask=valid[:, None])
     tl.store(P + offa + i_a * BC + c16[None, :], b_p, mask=valid[:, None])
     # (I + A_aa)^-1 = (I + N)(I + N^2)(I + N^4)(I + N^8) with N = -A_aa (strictly lower, so
@@ -405,9 +397,10 @@ def vtile_options(V):
 
 def intra_options(BK, K):
     """(BKS, NK, num_warps, num_stages) for the small per-sub-chunk kernel."""
-    top = min(64, BK)
+    # the diagonal block's [BC, BC, BKS] pair form holds BC * BC * BKS / (32 * num_warps) fp32
+    # registers per thread: BKS = 16 at 4 warps is 32 (128 regs in all on sm_90, no spills)
     return [dict(BKS=b, NK=triton.cdiv(K, b), num_warps=w, num_stages=st) for st in _stages()
-            for b in sorted({top, 16}, reverse=True) for w in (4, 2)]
+            for b, w in ((16, 4), (16, 8), (16, 2))]
 
 
 def kblock_options(BK, K):
