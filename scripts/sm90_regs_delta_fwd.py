@@ -2,7 +2,7 @@
 
 Usage: PYTHONPATH=src python scripts/sm90_regs_delta_fwd.py [SRC_ROOT]
 Same method as scripts/sm90_regs_delta_bwd.py (Triton 3.9's own ptxas, target cuda:90, 16-byte
-aligned pointers, K = V = 128, BT = 64, bf16 inputs): compiles chunk_intra / chunk_prep /
+aligned pointers, K = V = 128, BT = 64, bf16 inputs): compiles chunk_intra / chunk_tsolve / chunk_prep /
 chunk_fwd_state / chunk_fwd_o for every launch option and prints cuobjdump's REG / STACK. Estimates
 only (Triton 3.6 on the H200 gave counts within a few registers); the GPU profile is the truth.
 """
@@ -48,12 +48,11 @@ def show(name, fn, base, options):
 
 def main():
     only = set(sys.argv[2].split(",")) if len(sys.argv) > 2 else None
-    base = dict(H=H, K=K, V=V, BT=BT, BK=BK, BC=16, OP_BF16=True, DOT_PREC="tf32", INV_PREC="tf32x3",
+    base = dict(H=H, K=K, V=V, BT=BT, BK=BK, BC=16, OP_BF16=True, DOT_PREC="tf32", INV_PREC=os.environ.get("INV_PREC", "tf32x3"),
                 HAS_H0=True, STORE_FINAL=True)
     for name, fn, opts in (("intra", cf.chunk_intra_kernel, cf.intra_options(BK, K)),
-                           ("prep", cf.chunk_prep_kernel, cf.prep_options(BK, K, V)
-                            if hasattr(cf, "prep_options") else
-                            [{"BV": 32, **kb} for kb in cf.kblock_options(BK, K)]),
+                           ("tsolve", cf.chunk_tsolve_kernel, [dict(num_warps=4), dict(num_warps=8)]),
+                           ("prep", cf.chunk_prep_kernel, cf.prep_options(K, V)),
                            ("state", cf.chunk_fwd_state_kernel, cf.state_options(K, V)
                             if hasattr(cf, "state_options") else cf.vtile_options(V)),
                            ("o", cf.chunk_fwd_o_kernel, cf.vtile_options(V))):

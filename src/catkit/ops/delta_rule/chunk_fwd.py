@@ -153,56 +153,74 @@ def chunk_intra_kernel(q, k, G, A, P, Tm, chunk_indices, cu_seqlens,
 
 
 @triton.jit
-def chunk_prep_kernel(k, v, G, A, Tm, W, U, QG, KD, q, chunk_indices, cu_seqlens,
-                      H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr,
-                      BC: tl.constexpr, BKS: tl.constexpr, NK: tl.constexpr, BV: tl.constexpr,
-                      DOT_PREC: tl.constexpr, INV_PREC: tl.constexpr):
-    """Per chunk: T = (I + A)^-1, W = T (K e^G), U = T V, QG = Q e^G, KD = K e^(G_C - G)."""
+def chunk_tsolve_kernel(A, Tm, chunk_indices, cu_seqlens, H: tl.constexpr, BT: tl.constexpr,
+                        BC: tl.constexpr, INV_PREC: tl.constexpr):
+    """Per chunk: T = (I + A)^-1 into Tm (which holds the diagonal-block inverses on entry).
+
+    Its own kernel because the tf32x3 products (three tensor-core passes on split operands) on
+    [BT, BT] tiles take ~90 more registers per thread than anything else in the forward: fused
+    with the W/U products they held chunk_prep at 254 registers (one CTA per SM). Bytes per
+    (chunk, head): 2 BT^2 fp32 read, BT^2 fp32 written.
+    """
     i_t, i_h = tl.program_id(0), tl.program_id(1)
     t0, eos = _seq_bounds(chunk_indices, cu_seqlens, i_t, BT)
     rows = tl.arange(0, BT)
     cols = tl.arange(0, BT)
     rb = rows // BC
     cb = cols // BC
-    rl = rows % BC
+    valid = (t0 + rows) < eos
+    offc = (t0 + rows)[:, None] * (H * BT) + i_h * BT + cols[None, :]
+    # The inverses D^-1 of the 16x16 diagonal blocks come from chunk_intra (in the diagonal blocks
+    # of Tm); with M = D^-1 L (L = the blocks of A below the diagonal, M^NS = 0):
+    # T = (I - M + M^2 - M^3) D^-1 = (I + M^2)(I - M) D^-1, exact for NS <= 4. Evaluated as
+    # Y = D^-1 - M D^-1, T = Y + M^2 Y so that at most three [BT, BT] fp32 tiles are live (no
+    # identity tile, no separate A tile).
+    b_Td = tl.load(Tm + offc, mask=valid[:, None] & (rb[:, None] == cb[None, :]), other=0.0)
+    # only the strictly lower part of A was written (NaN-poisoned or stale elsewhere)
+    b_L = tl.load(A + offc, mask=valid[:, None] & (rb[:, None] > cb[None, :]), other=0.0)
+    b_M = tl.dot(b_Td, b_L, input_precision=INV_PREC)
+    b_T = b_Td - tl.dot(b_M, b_Td, input_precision=INV_PREC)
+    b_M = tl.dot(b_M, b_M, input_precision=INV_PREC)
+    b_T += tl.dot(b_M, b_T, input_precision=INV_PREC)
+    tl.store(Tm + offc, b_T, mask=valid[:, None])
+
+
+@triton.jit
+def chunk_prep_kernel(k, v, G, Tm, W, U, QG, KD, q, chunk_indices, cu_seqlens,
+                      H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr,
+                      BKS: tl.constexpr, DOT_PREC: tl.constexpr):
+    """Per (chunk, head, column block s): W = T (K e^G), QG = Q e^G, KD = K e^(G_C - G) on key
+    columns [s BKS, (s+1) BKS) and U = T V on the same value columns (either part skipped past
+    K or V). Splitting columns over programs keeps each small (one dot per part); every program
+    re-reads T (BT^2 fp32, from L2). Bytes per (chunk, head): BT^2 fp32 per program + 3 BT K bf16
+    and BT K fp32 in, BT V bf16 in; 3 BT K + BT V bf16 out.
+    """
+    i_t, i_h, i_s = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    t0, eos = _seq_bounds(chunk_indices, cu_seqlens, i_t, BT)
+    rows = tl.arange(0, BT)
+    cols = tl.arange(0, BT)
     valid = (t0 + rows) < eos
     last = tl.minimum(t0 + BT, eos) - 1
     offc = (t0 + rows)[:, None] * (H * BT) + i_h * BT + cols[None, :]
-    # only the strictly lower part of A was written (NaN-poisoned or stale elsewhere)
-    b_A = tl.load(A + offc, mask=valid[:, None] & (rows[:, None] > cols[None, :]), other=0.0)
-    same = rb[:, None] == cb[None, :]
-
-    # T = (I + A)^-1. The inverses D^-1 of the 16x16 diagonal blocks come from chunk_intra (in the
-    # diagonal blocks of Tm); with M = D^-1 L (L = blocks below the diagonal, M^NS = 0):
-    # T = (I - M + M^2 - M^3) D^-1 = (I - M)(I + M^2) D^-1, exact for NS <= 4.
-    eye = tl.where(rows[:, None] == cols[None, :], 1.0, 0.0)
-    b_Td = tl.load(Tm + offc, mask=valid[:, None] & same, other=0.0)
-    b_L = tl.where(rb[:, None] > cb[None, :], b_A, 0.0)
-    b_M = tl.dot(b_Td, b_L, input_precision=INV_PREC)
-    b_M2 = tl.dot(b_M, b_M, input_precision=INV_PREC)
-    b_X = tl.dot(eye - b_M, eye + b_M2, input_precision=INV_PREC)
-    b_T = tl.dot(b_X, b_Td, input_precision=INV_PREC)
-
-    mc = valid[:, None] & (cols[None, :] < BT)
-    tl.store(Tm + offc, b_T, mask=mc)
-    for i_k in range(0, NK):
-        ck = i_k * BKS + tl.arange(0, BKS)
-        m = valid[:, None] & (ck[None, :] < K)
-        off = (t0 + rows)[:, None] * (H * K) + i_h * K + ck[None, :]
+    # T is lower triangular (chunk_tsolve stores its upper part as zeros)
+    b_T = tl.load(Tm + offc, mask=valid[:, None], other=0.0)
+    cs = i_s * BKS + tl.arange(0, BKS)
+    if i_s * BKS < K:
+        m = valid[:, None] & (cs[None, :] < K)
+        off = (t0 + rows)[:, None] * (H * K) + i_h * K + cs[None, :]
         b_k = tl.load(k + off, mask=m, other=0.0).to(tl.float32)
-        b_q = tl.load(q + off, mask=m, other=0.0).to(tl.float32)
         b_G = tl.load(G + off, mask=m, other=0.0)
-        G_l = tl.load(G + last * (H * K) + i_h * K + ck, mask=ck < K, other=0.0)
         b_eG = tl.exp(b_G)
         b_W = tl.dot(b_T, b_k * b_eG, input_precision=DOT_PREC)
         tl.store(W + off, b_W.to(W.dtype.element_ty), mask=m)
+        b_q = tl.load(q + off, mask=m, other=0.0).to(tl.float32)
         tl.store(QG + off, (b_q * b_eG).to(QG.dtype.element_ty), mask=m)
+        G_l = tl.load(G + last * (H * K) + i_h * K + cs, mask=cs < K, other=0.0)
         b_kd = tl.where(m, b_k * tl.exp(tl.where(m, G_l[None, :] - b_G, 0.0)), 0.0)
         tl.store(KD + off, b_kd.to(KD.dtype.element_ty), mask=m)
-    for i_v in range(0, tl.cdiv(V, BV)):
-        cv = i_v * BV + tl.arange(0, BV)
-        mv = valid[:, None] & (cv[None, :] < V)
-        offv = (t0 + rows)[:, None] * (H * V) + i_h * V + cv[None, :]
+    if i_s * BKS < V:
+        mv = valid[:, None] & (cs[None, :] < V)
+        offv = (t0 + rows)[:, None] * (H * V) + i_h * V + cs[None, :]
         b_v = tl.load(v + offv, mask=mv, other=0.0).to(tl.float32)
         b_U = tl.dot(b_T, b_v, input_precision=DOT_PREC)
         tl.store(U + offv, b_U.to(U.dtype.element_ty), mask=mv)
@@ -354,9 +372,11 @@ def chunk_fwd(q, k, v, g, scale, initial_state, output_final_state, meta, save):
     W = torch.empty(NTOK, H, K, device=dev, dtype=q.dtype)
     QG, KD = torch.empty_like(W), torch.empty_like(W)
     U = torch.empty(NTOK, H, V, device=dev, dtype=q.dtype)
-    launch(chunk_prep_kernel, lambda o: (NT, H), (k, v, G, A, Tm, W, U, QG, KD, q, ci, cu),
-           dict(H=H, K=K, V=V, BT=BT, BC=BC, DOT_PREC=pr["DOT_PREC"], INV_PREC=pr["INV_PREC"]),
-           [{"BV": min(32, max(16, triton.next_power_of_2(V))), **kb} for kb in kblock_options(BK, K)])
+    chunk_tsolve_kernel[(NT, H)](A, Tm, ci, cu, H=H, BT=BT, BC=BC, INV_PREC=pr["INV_PREC"],
+                                 num_warps=4, num_stages=1)
+    launch(chunk_prep_kernel, lambda o: (NT, H, triton.cdiv(max(K, V), o["BKS"])),
+           (k, v, G, Tm, W, U, QG, KD, q, ci, cu),
+           dict(H=H, K=K, V=V, BT=BT, DOT_PREC=pr["DOT_PREC"]), prep_options(K, V))
     o = torch.empty(NTOK, H, V, device=dev, dtype=q.dtype)
     # Vn and the per-chunk start states are written even for inference: the output kernel reads
     # them (and an earlier variant that skipped them hit an illegal memory access on an H200 with
@@ -401,6 +421,14 @@ def intra_options(BK, K):
     # registers per thread: BKS = 16 at 4 warps is 32 (128 regs in all on sm_90, no spills)
     return [dict(BKS=b, NK=triton.cdiv(K, b), num_warps=w, num_stages=st) for st in _stages()
             for b, w in ((16, 4), (16, 8), (16, 2))]
+
+
+def prep_options(K, V):
+    """(BKS, num_warps, num_stages) for chunk_prep: column block width (programs per chunk and
+    head = max(K, V) / BKS)."""
+    top = min(32, max(16, triton.next_power_of_2(max(K, V))))
+    return [dict(BKS=b, num_warps=w, num_stages=st) for st in _stages()
+            for b in sorted({top, 16}, reverse=True) for w in (4, 8)]
 
 
 def kblock_options(BK, K):
