@@ -318,7 +318,9 @@ def launch(kernel, grid_fn, args, consts, options):
     """
     from triton.runtime.errors import OutOfResources
 
-    key = (kernel.fn.__name__, PIPELINE_STAGES, tuple(sorted(consts.items())))
+    # the first option is part of the key: a caller may order the same list differently per shape
+    key = (kernel.fn.__name__, PIPELINE_STAGES, tuple(sorted(consts.items())),
+           tuple(sorted(options[0].items())))
     start = _CHOSEN.get(key, 0)
     err = None
     for i in range(start, len(options)):
@@ -388,7 +390,7 @@ def chunk_fwd(q, k, v, g, scale, initial_state, output_final_state, meta, save):
     launch(chunk_fwd_state_kernel, lambda opt: (triton.cdiv(V, opt["BV"]), N * H),
            (U, W, KD, G, vn, h, h0, ht, cu, meta["chunk_offsets"]),
            dict(H=H, K=K, V=V, BT=BT, BK=BK, HAS_H0=initial_state is not None,
-                STORE_FINAL=output_final_state, DOT_PREC=pr["DOT_PREC"]), vtile_options(V))
+                STORE_FINAL=output_final_state, DOT_PREC=pr["DOT_PREC"]), state_options(V, N * H, dev))
     launch(chunk_fwd_o_kernel, lambda opt: (triton.cdiv(V, opt["BV"]), NT, H),
            (QG, P, vn, h, o, ci, cu, scale),
            dict(H=H, K=K, V=V, BT=BT, BK=BK, OP_BF16=pr["OP_BF16"], DOT_PREC=pr["DOT_PREC"]),
@@ -413,6 +415,21 @@ def vtile_options(V):
     top = min(32, max(16, triton.next_power_of_2(V)))
     return [dict(BV=bv, num_warps=w, num_stages=st) for st in _stages()
             for bv in sorted({top, 16}, reverse=True) for w in (8, 4)]
+
+
+def state_options(V, NH, dev):
+    """V tiles for the sequential state pass: its grid is only NH * V / BV programs (64 at
+    N = 1, H = 16, V = 128, BV = 32: half of an H100/H200's SMs idle for the whole pass), so
+    BV = 16 goes first when BV = 32 would leave SMs empty. BV = 16 reads W and KD twice as often
+    (per chunk and program: BT K bf16 each, from L2 when the V tiles of a head run together), so
+    it is not the default when the grid fills the card anyway. Bytes per (chunk, head, V tile):
+    2 BT K bf16 + BT BV bf16 in (W, KD, U), BT BV + K BV fp32 out (Vn, the chunk-start state).
+    """
+    opts = vtile_options(V)
+    sms = torch.cuda.get_device_properties(dev).multi_processor_count if dev.type == "cuda" else 0
+    if NH * triton.cdiv(V, opts[0]["BV"]) < sms:
+        opts = sorted(opts, key=lambda o: o["BV"])  # stable: keeps the warps / stages order
+    return opts
 
 
 def intra_options(BK, K):
