@@ -227,6 +227,26 @@ def chunk_prep_kernel(k, v, G, Tm, W, U, QG, KD, q, chunk_indices, cu_seqlens,
 
 
 @triton.jit
+def _state_loads(U, W, KD, G, t0, eos, i_h, cv, H: tl.constexpr, K: tl.constexpr,
+                 V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr):
+    """W, KD^T ([BK, BT], straight into the update product), U and G at the chunk's last row, for
+    the chunk starting at token t0 (all masked when t0 >= eos)."""
+    rows = tl.arange(0, BT)
+    ck = tl.arange(0, BK)
+    valid = (t0 + rows) < eos
+    m = valid[:, None] & (ck[None, :] < K)
+    mv = valid[:, None] & (cv[None, :] < V)
+    off = (t0 + rows)[:, None] * (H * K) + i_h * K + ck[None, :]
+    offv = (t0 + rows)[:, None] * (H * V) + i_h * V + cv[None, :]
+    b_W = tl.load(W + off, mask=m, other=0.0)
+    b_kdt = tl.load(KD + tl.trans(off), mask=tl.trans(m), other=0.0)
+    b_U = tl.load(U + offv, mask=mv, other=0.0).to(tl.float32)
+    last = tl.maximum(tl.minimum(t0 + BT, eos) - 1, 0)
+    G_l = tl.load(G + last * (H * K) + i_h * K + ck, mask=(ck < K) & (t0 + ck * 0 < eos), other=0.0)
+    return b_W, b_kdt, b_U, G_l
+
+
+@triton.jit
 def chunk_fwd_state_kernel(U, W, KD, G, vn, h, h0, ht, cu_seqlens, chunk_offsets,
                            H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
                            BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
@@ -255,23 +275,19 @@ def chunk_fwd_state_kernel(U, W, KD, G, vn, h, h0, ht, cu_seqlens, chunk_offsets
     b_S = tl.zeros([BK, BV], dtype=tl.float32)
     if HAS_H0:
         b_S = tl.load(h0 + i_n * H * K * V + off_s, mask=mkv, other=0.0).to(tl.float32)
+    # The loads of chunk c + 1 (independent of S) are issued before chunk c's products, so their
+    # latency hides behind the two dots instead of stalling the serial chain every chunk; past the
+    # last chunk every lane is masked.
+    b_W, b_kdt, b_U, G_l = _state_loads(U, W, KD, G, bos, eos, i_h, cv, H, K, V, BT, BK)
     for c in range(0, NC):
         t0 = bos + c * BT
-        valid = (t0 + rows) < eos
-        m = valid[:, None] & (ck[None, :] < K)
-        mv = valid[:, None] & (cv[None, :] < V)
         tl.store(h + (boh + c) * H * K * V + off_s, b_S, mask=mkv)
-        off = (t0 + rows)[:, None] * (H * K) + i_h * K + ck[None, :]
-        offv = (t0 + rows)[:, None] * (H * V) + i_h * V + cv[None, :]
-        b_W = tl.load(W + off, mask=m, other=0.0)
-        # K e^(G_C - G) loaded transposed, [BK, BT], straight into the update product
-        b_kdt = tl.load(KD + tl.trans(off), mask=tl.trans(m), other=0.0)
-        b_U = tl.load(U + offv, mask=mv, other=0.0).to(tl.float32)
-        last = tl.minimum(t0 + BT, eos) - 1
-        G_l = tl.load(G + last * (H * K) + i_h * K + ck, mask=ck < K, other=0.0)
+        n_W, n_kdt, n_U, n_G = _state_loads(U, W, KD, G, t0 + BT, eos, i_h, cv, H, K, V, BT, BK)
         b_vn = b_U - tl.dot(b_W.to(tl.float32), b_S, input_precision=DOT_PREC)
-        tl.store(vn + offv, b_vn, mask=mv)
+        offv = (t0 + rows)[:, None] * (H * V) + i_h * V + cv[None, :]
+        tl.store(vn + offv, b_vn, mask=((t0 + rows) < eos)[:, None] & (cv[None, :] < V))
         b_S = b_S * tl.exp(G_l)[:, None] + tl.dot(b_kdt.to(tl.float32), b_vn, input_precision=DOT_PREC)
+        b_W, b_kdt, b_U, G_l = n_W, n_kdt, n_U, n_G
     if STORE_FINAL:
         tl.store(ht + i_n * H * K * V + off_s, b_S, mask=mkv)
 
