@@ -390,8 +390,8 @@ def chunk_fwd(q, k, v, g, scale, initial_state, output_final_state, meta, save):
     W = torch.empty(NTOK, H, K, device=dev, dtype=q.dtype)
     QG, KD = torch.empty_like(W), torch.empty_like(W)
     U = torch.empty(NTOK, H, V, device=dev, dtype=q.dtype)
-    chunk_tsolve_kernel[(NT, H)](A, Tm, ci, cu, H=H, BT=BT, BC=BC, INV_PREC=pr["INV_PREC"],
-                                 num_warps=4, num_stages=1)
+    COMPILED["chunk_tsolve_kernel"] = chunk_tsolve_kernel[(NT, H)](
+        A, Tm, ci, cu, H=H, BT=BT, BC=BC, INV_PREC=pr["INV_PREC"], num_warps=4, num_stages=1)
     launch(chunk_prep_kernel, lambda o: (NT, H, triton.cdiv(max(K, V), o["BKS"])),
            (k, v, G, Tm, W, U, QG, KD, q, ci, cu),
            dict(H=H, K=K, V=V, BT=BT, DOT_PREC=pr["DOT_PREC"]), prep_options(K, V))
