@@ -53,7 +53,8 @@ def main():
     for name, fn, opts in (("intra", cf.chunk_intra_kernel, cf.intra_options(BK, K)),
                            ("tsolve", cf.chunk_tsolve_kernel, [dict(num_warps=4), dict(num_warps=8)]),
                            ("prep", cf.chunk_prep_kernel, cf.prep_options(K, V)),
-                           ("state", cf.chunk_fwd_state_kernel, cf.vtile_options(V)),
+                           ("state", cf.chunk_fwd_state_kernel, [dict(o, PREFETCH=p) for p in (True, False)
+                                                                   for o in cf.vtile_options(V)]),
                            ("o", cf.chunk_fwd_o_kernel, cf.vtile_options(V))):
         if only is None or name in only:
             show(name, fn, base, opts)

@@ -251,7 +251,7 @@ def chunk_fwd_state_kernel(U, W, KD, G, vn, h, h0, ht, cu_seqlens, chunk_offsets
                            H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
                            BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
                            HAS_H0: tl.constexpr, STORE_FINAL: tl.constexpr,
-                           DOT_PREC: tl.constexpr):
+                           DOT_PREC: tl.constexpr, PREFETCH: tl.constexpr):
     # One program carries the [K, BV] slice of one sequence/head's state through its chunks; V
     # columns of S evolve independently (Vn[:, v] depends only on S[:, v]), hence the V tiling.
     # Only what the recurrence needs is done here (Vn and the chunk-start states); everything
@@ -282,11 +282,14 @@ def chunk_fwd_state_kernel(U, W, KD, G, vn, h, h0, ht, cu_seqlens, chunk_offsets
     for c in range(0, NC):
         t0 = bos + c * BT
         tl.store(h + (boh + c) * H * K * V + off_s, b_S, mask=mkv)
-        n_W, n_kdt, n_U, n_G = _state_loads(U, W, KD, G, t0 + BT, eos, i_h, cv, H, K, V, BT, BK)
+        if PREFETCH:
+            n_W, n_kdt, n_U, n_G = _state_loads(U, W, KD, G, t0 + BT, eos, i_h, cv, H, K, V, BT, BK)
         b_vn = b_U - tl.dot(b_W.to(tl.float32), b_S, input_precision=DOT_PREC)
         offv = (t0 + rows)[:, None] * (H * V) + i_h * V + cv[None, :]
         tl.store(vn + offv, b_vn, mask=((t0 + rows) < eos)[:, None] & (cv[None, :] < V))
         b_S = b_S * tl.exp(G_l)[:, None] + tl.dot(b_kdt.to(tl.float32), b_vn, input_precision=DOT_PREC)
+        if not PREFETCH:  # the earlier order (for the sweep): loads wait for the products
+            n_W, n_kdt, n_U, n_G = _state_loads(U, W, KD, G, t0 + BT, eos, i_h, cv, H, K, V, BT, BK)
         b_W, b_kdt, b_U, G_l = n_W, n_kdt, n_U, n_G
     if STORE_FINAL:
         tl.store(ht + i_n * H * K * V + off_s, b_S, mask=mkv)
@@ -433,6 +436,11 @@ def vtile_options(V):
             for bv in sorted({top, 16}, reverse=True) for w in (8, 4)]
 
 
+# Issue chunk c+1's loads before chunk c's products in chunk_fwd_state (+~40 registers on
+# sm_90); scripts/sweep_delta_fwd.py times both.
+STATE_PREFETCH = True
+
+
 def state_options(V, NH, dev):
     """V tiles for the sequential state pass: its grid is only NH * V / BV programs (64 at
     N = 1, H = 16, V = 128, BV = 32: half of an H100/H200's SMs idle for the whole pass), so
@@ -441,7 +449,7 @@ def state_options(V, NH, dev):
     it is not the default when the grid fills the card anyway. Bytes per (chunk, head, V tile):
     2 BT K bf16 + BT BV bf16 in (W, KD, U), BT BV + K BV fp32 out (Vn, the chunk-start state).
     """
-    opts = vtile_options(V)
+    opts = [dict(o, PREFETCH=STATE_PREFETCH) for o in vtile_options(V)]
     sms = torch.cuda.get_device_properties(dev).multi_processor_count if dev.type == "cuda" else 0
     if NH * triton.cdiv(V, opts[0]["BV"]) < sms:
         opts = sorted(opts, key=lambda o: o["BV"])  # stable: keeps the warps / stages order
