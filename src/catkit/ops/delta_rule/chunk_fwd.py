@@ -135,9 +135,9 @@ def chunk_intra_kernel(q, k, G, A, P, Tm, chunk_indices, cu_seqlens,
     b_p = tl.where(lower, b_p, 0.0)
     ml = valid[:, None] & (cols[None, :] < i_a * BC)
     tl.store(A + offa + cols[None, :], b_al, mask=ml)
-    tl.store(P + offa + cols[None, :], b_pl, mask=ml)
+    tl.store(P + offa + cols[None, :], b_pl.to(P.dtype.element_ty), mask=ml)
     tl.store(A + offa + i_a * BC + c16[None, :], b_a, mask=valid[:, None])
-    tl.store(P + offa + i_a * BC + c16[None, :], b_p, mask=valid[:, None])
+    tl.store(P + offa + i_a * BC + c16[None, :], b_p.to(P.dtype.element_ty), mask=valid[:, None])
     # (I + A_aa)^-1 = (I + N)(I + N^2)(I + N^4)(I + N^8) with N = -A_aa (strictly lower, so
     # N^16 = 0): six 16x16 products at INV_PREC instead of a 15-step serial substitution in
     # chunk_prep's 64x64 tiles.
@@ -286,7 +286,7 @@ def chunk_fwd_state_kernel(U, W, KD, G, vn, h, h0, ht, cu_seqlens, chunk_offsets
             n_W, n_kdt, n_U, n_G = _state_loads(U, W, KD, G, t0 + BT, eos, i_h, cv, H, K, V, BT, BK)
         b_vn = b_U - tl.dot(b_W.to(tl.float32), b_S, input_precision=DOT_PREC)
         offv = (t0 + rows)[:, None] * (H * V) + i_h * V + cv[None, :]
-        tl.store(vn + offv, b_vn, mask=((t0 + rows) < eos)[:, None] & (cv[None, :] < V))
+        tl.store(vn + offv, b_vn.to(vn.dtype.element_ty), mask=((t0 + rows) < eos)[:, None] & (cv[None, :] < V))
         b_S = b_S * tl.exp(G_l)[:, None] + tl.dot(b_kdt.to(tl.float32), b_vn, input_precision=DOT_PREC)
         if not PREFETCH:  # the earlier order (for the sweep): loads wait for the products
             n_W, n_kdt, n_U, n_G = _state_loads(U, W, KD, G, t0 + BT, eos, i_h, cv, H, K, V, BT, BK)
@@ -385,7 +385,12 @@ def chunk_fwd(q, k, v, g, scale, initial_state, output_final_state, meta, save):
     chunk_cumsum_kernel[(NT, H)](g, G, ci, cu, H=H, K=K, BT=BT, BK=BK, G_SCALAR=g.dim() == 2,
                                  num_warps=4, num_stages=1)
     Tm = torch.empty(NTOK, H, BT, device=dev, dtype=torch.float32)
-    P, A = torch.empty_like(Tm), torch.empty_like(Tm)
+    A = torch.empty_like(Tm)
+    # P and Vn only ever enter products through _mm, which rounds them to bf16 on the bf16 path
+    # (forward o, backward dVn / dP / dKd): stored in bf16 there, with the same rounding, they
+    # move half the bytes (P: NTOK H BT, Vn: NTOK H V words; written once, read 2-3 times).
+    opd = torch.bfloat16 if pr["OP_BF16"] else torch.float32
+    P = torch.empty(NTOK, H, BT, device=dev, dtype=opd)
     BC = min(16, BT)
     launch(chunk_intra_kernel, lambda o: (NT, H, BT // BC), (q, k, G, A, P, Tm, ci, cu),
            dict(H=H, K=K, BT=BT, BC=BC, DOT_PREC=pr["DOT_PREC"], INV_PREC=pr["INV_PREC"]),
@@ -402,7 +407,7 @@ def chunk_fwd(q, k, v, g, scale, initial_state, output_final_state, meta, save):
     # Vn and the per-chunk start states are written even for inference: the output kernel reads
     # them (and an earlier variant that skipped them hit an illegal memory access on an H200 with
     # Triton 3.6).
-    vn = torch.empty(NTOK, H, V, device=dev, dtype=torch.float32)
+    vn = torch.empty(NTOK, H, V, device=dev, dtype=opd)
     h = torch.empty(NT, H, K, V, device=dev, dtype=torch.float32)
     ht = torch.empty(N, H, K, V, device=dev, dtype=torch.float32) if output_final_state else o
     h0 = initial_state if initial_state is not None else o
