@@ -20,9 +20,19 @@ blocks of I + A come from chunk_intra (a product of four Neumann factors), and c
 them into T with an exact block-Neumann step.
 
 Kernels: ``chunk_cumsum`` (G), ``chunk_intra`` (A, P, diagonal inverses; per sub-chunk),
-``chunk_prep`` (T, W, U = T V, Q e^G, K e^(G_C - G); parallel over chunks), ``chunk_fwd_state``
-(sequential over chunks per (sequence, head, V tile): Vn, per-chunk start states, final state),
-``chunk_fwd_o`` (O from the saved states, parallel over chunks).
+``chunk_tsolve`` (T = (I + A)^-1 per chunk), ``chunk_prep`` (W, U = T V, Q e^G, K e^(G_C - G);
+per chunk and column block), ``chunk_fwd_state`` (sequential over chunks per (sequence, head, V
+tile): Vn, per-chunk start states, final state), ``chunk_fwd_o`` (O from the saved states,
+parallel over chunks).
+
+HBM bytes per (chunk, head) at BT = 64, K = V = 128, bf16 inputs (fp32 g), estimates (x 8192 at
+32K tokens x 16 heads; 1 GB ~ 0.21 ms at the H200's 4.8 TB/s): cumsum 32 KB in, 32 KB out (G
+fp32); intra ~64 KB in (own rows q, k, G; left rows k, G mostly L2 hits), ~24 KB out (A fp32,
+P, diagonal inverses); tsolve 32 KB in, 16 KB out; prep ~96 KB in (k, q, v, G; T from L2), 64 KB
+out (W, QG, KD, U); state ~48 KB in (W, KD, U), ~80 KB out (Vn, chunk-start states fp32); o
+~100 KB in (QG, P, Vn, states), 16 KB out. Every kernel is far from its bandwidth bound (~0.1-0.3
+ms each at that shape); what they cost beyond it is latency and occupancy, hence the register
+notes per kernel.
 """
 
 from __future__ import annotations
