@@ -452,7 +452,7 @@ def vtile_options(V):
 
 
 # Issue chunk c+1's loads before chunk c's products in chunk_fwd_state (+~40 registers on
-# sm_90); scripts/sweep_delta_fwd.py times both.
+# sm_90: 149 -> 179 at BV = 16, 185 -> 220 at BV = 32, 8 warps, Triton 3.9 estimates).
 STATE_PREFETCH = True
 
 
@@ -464,7 +464,9 @@ def state_options(V, NH, dev):
     it is not the default when the grid fills the card anyway. Bytes per (chunk, head, V tile):
     2 BT K bf16 + BT BV bf16 in (W, KD, U), BT BV + K BV fp32 out (Vn, the chunk-start state).
     """
-    opts = [dict(o, PREFETCH=STATE_PREFETCH) for o in vtile_options(V)]
+    # prefetch only at BV = 16: at BV = 32 the H200 profile had 226 registers (Triton 3.6) before
+    # it, and the ~40 it adds on sm_90 would spill there; scripts/sweep_delta_fwd.py times both
+    opts = [dict(o, PREFETCH=STATE_PREFETCH and o["BV"] <= 16) for o in vtile_options(V)]
     sms = torch.cuda.get_device_properties(dev).multi_processor_count if dev.type == "cuda" else 0
     if NH * triton.cdiv(V, opts[0]["BV"]) < sms:
         opts = sorted(opts, key=lambda o: o["BV"])  # stable: keeps the warps / stages order
