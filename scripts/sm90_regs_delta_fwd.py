@@ -1,6 +1,6 @@
 """Registers and spills of the delta-rule forward kernels on sm_90a, without a GPU.
 
-Usage: PYTHONPATH=src python scripts/sm90_regs_delta_fwd.py [SRC_ROOT]
+Usage: PYTHONPATH=src python scripts/sm90_regs_delta_fwd.py [SRC_ROOT] [intra,tsolve,prep,state,o]
 Same method as scripts/sm90_regs_delta_bwd.py (Triton 3.9's own ptxas, target cuda:90, 16-byte
 aligned pointers, K = V = 128, BT = 64, bf16 inputs): compiles chunk_intra / chunk_tsolve / chunk_prep /
 chunk_fwd_state / chunk_fwd_o for every launch option and prints cuobjdump's REG / STACK. Estimates
@@ -48,8 +48,9 @@ def show(name, fn, base, options):
 
 def main():
     only = set(sys.argv[2].split(",")) if len(sys.argv) > 2 else None
-    base = dict(H=H, K=K, V=V, BT=BT, BK=BK, BC=16, OP_BF16=True, DOT_PREC="tf32", INV_PREC=os.environ.get("INV_PREC", "tf32x3"),
-                HAS_H0=True, STORE_FINAL=True)
+    # INV_PREC=tf32 in the environment shows what the tf32x3 inverse products cost
+    base = dict(H=H, K=K, V=V, BT=BT, BK=BK, BC=16, OP_BF16=True, DOT_PREC="tf32",
+                INV_PREC=os.environ.get("INV_PREC", "tf32x3"), HAS_H0=True, STORE_FINAL=True)
     for name, fn, opts in (("intra", cf.chunk_intra_kernel, cf.intra_options(BK, K)),
                            ("tsolve", cf.chunk_tsolve_kernel, [dict(num_warps=4), dict(num_warps=8)]),
                            ("prep", cf.chunk_prep_kernel, cf.prep_options(K, V)),

@@ -296,7 +296,8 @@ def chunk_fwd_state_kernel(U, W, KD, G, vn, h, h0, ht, cu_seqlens, chunk_offsets
             n_W, n_kdt, n_U, n_G = _state_loads(U, W, KD, G, t0 + BT, eos, i_h, cv, H, K, V, BT, BK)
         b_vn = b_U - tl.dot(b_W.to(tl.float32), b_S, input_precision=DOT_PREC)
         offv = (t0 + rows)[:, None] * (H * V) + i_h * V + cv[None, :]
-        tl.store(vn + offv, b_vn.to(vn.dtype.element_ty), mask=((t0 + rows) < eos)[:, None] & (cv[None, :] < V))
+        mv = ((t0 + rows) < eos)[:, None] & (cv[None, :] < V)
+        tl.store(vn + offv, b_vn.to(vn.dtype.element_ty), mask=mv)
         b_S = b_S * tl.exp(G_l)[:, None] + tl.dot(b_kdt.to(tl.float32), b_vn, input_precision=DOT_PREC)
         if not PREFETCH:  # the earlier order (for the sweep): loads wait for the products
             n_W, n_kdt, n_U, n_G = _state_loads(U, W, KD, G, t0 + BT, eos, i_h, cv, H, K, V, BT, BK)
