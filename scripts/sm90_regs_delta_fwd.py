@@ -19,7 +19,7 @@ sys.path.insert(0, sys.argv[1] if len(sys.argv) > 1 else "src")
 import catkit.ops.delta_rule.chunk_fwd as cf  # noqa: E402
 
 H, K, V, BT, BK = 16, 128, 128, 64, 128
-BF16 = {"q", "k", "v", "W", "U", "QG", "KD", "o"}
+BF16 = {"q", "k", "v", "W", "U", "QG", "KD", "o", "P", "vn"}  # P, vn: bf16 on the bf16 path
 I32 = {"chunk_indices", "cu_seqlens", "chunk_offsets"}
 
 
