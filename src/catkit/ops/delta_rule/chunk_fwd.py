@@ -470,7 +470,10 @@ def state_options(V, NH, dev):
     opts = [dict(o, PREFETCH=STATE_PREFETCH and o["BV"] <= 16) for o in vtile_options(V)]
     sms = torch.cuda.get_device_properties(dev).multi_processor_count if dev.type == "cuda" else 0
     if NH * triton.cdiv(V, opts[0]["BV"]) < sms:
-        opts = sorted(opts, key=lambda o: o["BV"])  # stable: keeps the warps / stages order
+        # 4 warps first at BV = 16: with 8 warps, bf16 W / KD and a [BT, BK] x [BK, 16] product,
+        # Triton 3.6 on an H200 made an illegal memory access in this kernel (varlen, partial
+        # chunks; the fp32 path and 4 warps were fine), measured by scripts/check_delta_fwd_kernels.py
+        opts = sorted(opts, key=lambda o: (o["BV"], o["num_warps"]))
     return opts
 
 
