@@ -11,8 +11,13 @@ Kd = K * exp(G_C - G)::
 
 ``chunk_bwd_dv_local`` writes the chunk-local part of dVn (parallel over chunks);
 ``chunk_bwd_state`` runs the reverse recurrence per (sequence, head, V tile); ``chunk_bwd_dap``
-(per chunk) writes dv~ and the gradients of A and P; ``chunk_bwd_dqkg`` (per chunk and block of key
-channels) writes dq, dk~ and dg (fp32, per channel).
+(per chunk) writes dv~ and the gradients of A and P. dq, dk~ and dg (fp32, per channel) come from
+two kernels per (block of key channels, chunk, head) instead of one fused kernel (255 registers
+with spills on sm_90, one program per SM): ``chunk_bwd_dqkg_inter`` does all the tensor-core work
+(the V loop with the states, T^T dW, the sub-chunk blocks of A and P below the diagonal) and writes
+partial dq, dk~ (fp32 scratch) and dG; ``chunk_bwd_dqkg_intra`` adds the diagonal 16x16 blocks
+(per-pair exponents, a latency-bound elementwise loop at about 80 registers, several programs per
+SM) and writes dq, dk~ and dg.
 """
 
 from __future__ import annotations
@@ -21,7 +26,8 @@ import torch
 import triton
 import triton.language as tl
 
-from catkit.ops.delta_rule.chunk_fwd import _mm, _seq_bounds, kblock_options, launch, precisions, vtile_options
+from catkit.ops.delta_rule.chunk_fwd import (_mm, _seq_bounds, _stages, kblock_options, launch, precisions,
+                                             vtile_options)
 
 
 @triton.jit
@@ -136,31 +142,27 @@ def chunk_bwd_dap_kernel(k, v, G, Tm, vn, h, do, dvn, dv, dA, dP, chunk_indices,
 
 
 @triton.jit
-def chunk_bwd_dqkg_kernel(q, k, G, Tm, vn, h, dh, do, dvn, dA, dP, dq, dk, dg,
-                          chunk_indices, cu_seqlens, scale,
-                          H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr,
-                          BC: tl.constexpr, BKS: tl.constexpr, BV: tl.constexpr,
-                          OP_BF16: tl.constexpr, DOT_PREC: tl.constexpr):
-    # One program per (chunk, head, block of BKS key channels): every term below is separable
-    # over key channels once dA and dP are known.
-    i_t, i_h, i_k = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+def chunk_bwd_dqkg_inter_kernel(q, k, G, Tm, vn, h, dh, do, dvn, dA, dP, dq0, dk0, dg,
+                                chunk_indices, cu_seqlens, scale,
+                                H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr,
+                                BC: tl.constexpr, BKS: tl.constexpr, BV: tl.constexpr,
+                                OP_BF16: tl.constexpr, DOT_PREC: tl.constexpr):
+    # dq, dk~, dG of everything but the diagonal 16x16 blocks of A and P, per (block of BKS key
+    # channels, chunk, head): the V loop with the states (dW = -dVn S^T, dKd = Vn dS_C^T,
+    # dQ = dO S^T, dG_C), dKg = T^T dW, then the blocks of A and P below the diagonal (tensor-core
+    # products). Writes the partial dq, dk~ (fp32 scratch) and dG (into dg) that
+    # chunk_bwd_dqkg_intra completes. The key block is the fastest grid axis, so the programs
+    # sharing a chunk's Vn, dVn, dO, T, dA, dP run together and find them in L2.
+    i_k, i_t, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     t0, eos = _seq_bounds(chunk_indices, cu_seqlens, i_t, BT)
-    NS: tl.constexpr = BT // BC
     rows = tl.arange(0, BT)
     cols = tl.arange(0, BT)
-    rb = rows // BC
-    rl = rows % BC
     ck = i_k * BKS + tl.arange(0, BKS)
     valid = (t0 + rows) < eos
     m = valid[:, None] & (ck[None, :] < K)
     off = (t0 + rows)[:, None] * (H * K) + i_h * K + ck[None, :]
     offc = (t0 + rows)[:, None] * (H * BT) + i_h * BT + cols[None, :]
-    b_k = tl.load(k + off, mask=m, other=0.0).to(tl.float32)
-    b_q = tl.load(q + off, mask=m, other=0.0).to(tl.float32)
-    b_G = tl.load(G + off, mask=m, other=0.0)
     last = tl.minimum(t0 + BT, eos) - 1
-    G_l = tl.load(G + last * (H * K) + i_h * K + ck, mask=ck < K, other=0.0)
-    b_eG = tl.exp(b_G)
 
     b_dW = tl.zeros([BT, BKS], dtype=tl.float32)
     b_dKd = tl.zeros([BT, BKS], dtype=tl.float32)
@@ -184,40 +186,84 @@ def chunk_bwd_dqkg_kernel(q, k, G, Tm, vn, h, dh, do, dvn, dA, dP, dq, dk, dg,
         b_dGl += tl.sum(b_S * b_dSC, axis=1)
 
     b_T = tl.load(Tm + offc, mask=valid[:, None], other=0.0)
-    b_dA = tl.load(dA + offc, mask=valid[:, None], other=0.0)
-    b_dP = tl.load(dP + offc, mask=valid[:, None], other=0.0)
+    b_G = tl.load(G + off, mask=m, other=0.0)
+    G_l = tl.load(G + last * (H * K) + i_h * K + ck, mask=ck < K, other=0.0)
+    b_eG = tl.exp(b_G)
+    # dk~ = (T^T dW) e^G + dKd e^(G_C - G);  dG = q dq + k (T^T dW) e^G - k dKd e^(G_C - G) + dG_C
+    b_dKg = tl.dot(tl.trans(b_T), b_dW, input_precision=DOT_PREC) * b_eG
+    b_dKd = b_dKd * tl.where(m, tl.exp(tl.where(m, G_l[None, :] - b_G, 0.0)), 0.0)
     b_dQ = b_dQ * scale * b_eG
-    b_kg = b_k * b_eG
-    b_dKg = tl.dot(tl.trans(b_T), b_dW, input_precision=DOT_PREC)
-    b_ed = tl.where(m, tl.exp(tl.where(m, G_l[None, :] - b_G, 0.0)), 0.0)
-    b_dGl = b_dGl * tl.exp(G_l) + tl.sum(b_k * b_ed * b_dKd, axis=0)
+    b_q = tl.load(q + off, mask=m, other=0.0).to(tl.float32)
+    b_k = tl.load(k + off, mask=m, other=0.0).to(tl.float32)
+    b_dGl = b_dGl * tl.exp(G_l) + tl.sum(b_k * b_dKd, axis=0)
+    # Three accumulators: dq, dk~ and X with dG = q dq + k X (+ dG_C on the last row)
+    acc_dk = b_dKg + b_dKd
+    acc_x = b_dKg - b_dKd
 
-    # P_ij and A_ij hold exp(G_ic - G_jc) per channel. Below-diagonal sub-chunk blocks factor it
-    # through the last row r of column block b (both exponents <= 0, see chunk_prep); diagonal
-    # blocks form it per pair, column jl of every block at once.
+    # Blocks of A and P below the diagonal (sub-chunk blocks): P_ij and A_ij hold exp(G_ic - G_jc)
+    # per channel, factored through the last row r of column block b, exp(G_i - G_r) (F, rows
+    # below block b) times exp(G_r - G_j) (Rf, rows of block b), both exponents <= 0 (see
+    # chunk_prep). F and Rf occupy disjoint rows and share one exp. dP feeds dq and, with dA, the
+    # dk~ of the rows j of block b (gathered over the rows i below it); dA feeds dk~.
+    NS: tl.constexpr = BT // BC
+    rb = rows // BC
+    if NS > 1:
+        b_dA = tl.load(dA + offc, mask=valid[:, None], other=0.0)
+        b_dP = tl.load(dP + offc, mask=valid[:, None], other=0.0)
+        for b in range(0, NS - 1):
+            r_ref = tl.minimum(t0 + b * BC + BC - 1, eos - 1)
+            G_r = tl.load(G + r_ref * (H * K) + i_h * K + ck, mask=ck < K, other=0.0)
+            lm = (rb > b)[:, None] & m
+            rm = (rb == b)[:, None] & m
+            e = tl.exp(tl.where(lm, b_G - G_r[None, :], tl.where(rm, G_r[None, :] - b_G, 0.0)))
+            F = tl.where(lm, e, 0.0)
+            b_kr = tl.where(rm, b_k * e, 0.0)
+            b_dQ += F * tl.dot(b_dP, b_kr, input_precision=DOT_PREC)
+            u = F * tl.dot(b_dA, b_kr, input_precision=DOT_PREC)
+            u_j = tl.where(rm, e, 0.0) * (tl.dot(tl.trans(b_dP), b_q * F, input_precision=DOT_PREC)
+                                          + tl.dot(tl.trans(b_dA), b_k * F, input_precision=DOT_PREC))
+            acc_dk += u + u_j
+            acc_x += u - u_j
+    b_dG = b_q * b_dQ + b_k * acc_x
+    b_dG += tl.where(rows[:, None] == (last - t0), b_dGl[None, :], 0.0)
+    tl.store(dq0 + off, b_dQ, mask=m)
+    tl.store(dk0 + off, acc_dk, mask=m)
+    tl.store(dg + off, b_dG, mask=m)
+
+
+@triton.jit
+def chunk_bwd_dqkg_intra_kernel(q, k, G, dA, dP, dq0, dk0, dq, dk, dg, chunk_indices, cu_seqlens,
+                                H: tl.constexpr, K: tl.constexpr, BT: tl.constexpr,
+                                BC: tl.constexpr, BKS: tl.constexpr):
+    # The diagonal 16x16 blocks of A and P, per (block of BKS key channels, chunk, head), then the
+    # final dq, dk~ and dg. Per-pair exponents make this a latency-bound elementwise loop; with
+    # no products and no [BT, BT] tiles it needs few registers (q, k, G and three accumulators),
+    # so several programs share an SM to hide the latency of its gathered loads.
+    i_k, i_t, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    t0, eos = _seq_bounds(chunk_indices, cu_seqlens, i_t, BT)
+    rows = tl.arange(0, BT)
+    rb = rows // BC
+    rl = rows % BC
+    ck = i_k * BKS + tl.arange(0, BKS)
+    valid = (t0 + rows) < eos
+    m = valid[:, None] & (ck[None, :] < K)
+    off = (t0 + rows)[:, None] * (H * K) + i_h * K + ck[None, :]
+    b_k = tl.load(k + off, mask=m, other=0.0).to(tl.float32)
+    b_q = tl.load(q + off, mask=m, other=0.0).to(tl.float32)
+    b_G = tl.load(G + off, mask=m, other=0.0)
+
+    # One row l of every 16-row block per step (row r of the tile pairs with row
+    # l(r) = block(r) * BC + l). With l as the column j: dq_i, dk_i (via A) gather over j <= i;
+    # with l as the row i: dk_j gathers over i >= j. Both are plain elementwise updates of
+    # [BT, BKS] tiles, with per-pair exponents that are <= 0; the two triangles share one exp.
     b_dqP = tl.zeros([BT, BKS], dtype=tl.float32)
     b_dkA = tl.zeros([BT, BKS], dtype=tl.float32)
     b_dkJ = tl.zeros([BT, BKS], dtype=tl.float32)
-    for b in range(0, NS - 1):
-        r_ref = tl.minimum(t0 + b * BC + BC - 1, eos - 1)
-        G_r = tl.load(G + r_ref * (H * K) + i_h * K + ck, mask=ck < K, other=0.0)
-        lm = (rb > b)[:, None] & m
-        F = tl.where(lm, tl.exp(tl.where(lm, b_G - G_r[None, :], 0.0)), 0.0)
-        rm = (rb == b)[:, None] & m
-        Rf = tl.where(rm, tl.exp(tl.where(rm, G_r[None, :] - b_G, 0.0)), 0.0)
-        b_kr = b_k * Rf
-        b_dqP += F * tl.dot(b_dP, b_kr, input_precision=DOT_PREC)
-        b_dkA += F * tl.dot(b_dA, b_kr, input_precision=DOT_PREC)
-        b_dkJ += Rf * (tl.dot(tl.trans(b_dP), b_q * F, input_precision=DOT_PREC)
-                       + tl.dot(tl.trans(b_dA), b_k * F, input_precision=DOT_PREC))
-    # Diagonal blocks, one row l of every 16-row block per step (row r of the tile pairs with row
-    # l(r) = block(r) * BC + l). With l as the column j: dq_i, dk_i (via A) gather over j <= i;
-    # with l as the row i: dk_j gathers over i >= j. Both are plain elementwise updates of
-    # [BT, BKS] tiles (no per-block reductions), with per-pair exponents that are <= 0.
+    off0 = off - (rl * (H * K))[:, None]  # row block(r) * BC of every tile row
     for l in range(0, BC):
         lr = rb * BC + l
         lm = ((t0 + lr) < eos)[:, None] & (ck[None, :] < K)
-        offl = (t0 + lr)[:, None] * (H * K) + i_h * K + ck[None, :]
+        offl = off0 + l * (H * K)
         k_l = tl.load(k + offl, mask=lm, other=0.0).to(tl.float32)
         q_l = tl.load(q + offl, mask=lm, other=0.0).to(tl.float32)
         G_l2 = tl.load(G + offl, mask=lm, other=0.0)
@@ -230,18 +276,16 @@ def chunk_bwd_dqkg_kernel(q, k, G, Tm, vn, h, dh, do, dvn, dA, dP, dq, dk, dg,
         tP = tl.load(dP + offt, mask=vt, other=0.0)
         tA = tl.load(dA + offt, mask=vt, other=0.0)
         lo = (rl >= l)[:, None] & m
-        E = tl.where(lo, tl.exp(tl.where(lo, b_G - G_l2, 0.0)), 0.0)
-        kE = k_l * E
+        up = (rl <= l)[:, None] & m & lm
+        e = tl.exp(tl.where(lo, b_G - G_l2, tl.where(up, G_l2 - b_G, 0.0)))
+        kE = tl.where(lo, k_l * e, 0.0)
         b_dqP += mP[:, None] * kE
         b_dkA += mA[:, None] * kE
-        up = (rl <= l)[:, None] & m & lm
-        Et = tl.where(up, tl.exp(tl.where(up, G_l2 - b_G, 0.0)), 0.0)
-        b_dkJ += (tP[:, None] * q_l + tA[:, None] * k_l) * Et
+        b_dkJ += tl.where(up, (tP[:, None] * q_l + tA[:, None] * k_l) * e, 0.0)
 
-    b_dq = b_dQ + b_dqP
-    b_dk = b_dKg * b_eG + b_dKd * b_ed + b_dkA + b_dkJ
-    b_dG = b_q * b_dq + b_kg * b_dKg - b_k * b_ed * b_dKd + b_k * b_dkA - b_k * b_dkJ
-    b_dG += tl.where(rows[:, None] == (last - t0), b_dGl[None, :], 0.0)
+    b_dq = tl.load(dq0 + off, mask=m, other=0.0) + b_dqP
+    b_dk = tl.load(dk0 + off, mask=m, other=0.0) + b_dkA + b_dkJ
+    b_dG = tl.load(dg + off, mask=m, other=0.0) + b_q * b_dqP + b_k * (b_dkA - b_dkJ)
     b_dG = tl.where(m, b_dG, 0.0)
     # G_i = sum_{t <= i} g_t inside the chunk, so dg_t = sum_{i >= t} dG_i.
     b_dg = tl.sum(b_dG, axis=0)[None, :] - tl.cumsum(b_dG, axis=0) + b_dG
@@ -255,10 +299,25 @@ def chunk_bwd_dqkg_kernel(q, k, G, Tm, vn, h, dh, do, dvn, dA, dP, dq, dk, dg,
 BWD_BF16 = True
 
 
-def dqkg_options(BK, K, V):
-    """(BKS, BV, num_warps, num_stages) to try for chunk_bwd_dqkg, largest first."""
-    return [dict(BKS=kb["BKS"], BV=bv, num_warps=kb["num_warps"], num_stages=kb["num_stages"])
-            for kb in kblock_options(BK, K) for bv in sorted({vtile_options(V)[0]["BV"], 16}, reverse=True)]
+def dqkg_inter_options(BK, K, V):
+    """(BKS, BV, num_warps, num_stages) to try for chunk_bwd_dqkg_inter; the first that compiles
+    runs (``scripts/sweep_delta_bwd.py`` times them all on a GPU). Its [BT, BT] dA, dP and T tiles
+    leave room for 32 key channels at 8 warps (sm_90 ptxas, K = V = 128: about 235 registers,
+    no spills; 64 channels spill)."""
+    top = min(32, BK)
+    bvs = sorted({vtile_options(V)[0]["BV"], 16}, reverse=True)
+    return [dict(BKS=b, BV=bv, num_warps=w, num_stages=st) for st in _stages()
+            for b in sorted({top, 16}, reverse=True) for bv in bvs for w in (8, 4)]
+
+
+def dqkg_intra_options(BK, K):
+    """(BKS, num_warps, num_stages) to try for chunk_bwd_dqkg_intra (about 80 registers at 32
+    channels and 8 warps, so three programs fit an SM); the first that compiles runs."""
+    opts = [dict(BKS=b, num_warps=w, num_stages=st) for st in _stages()
+            for b in sorted({min(32, BK), 16}, reverse=True) for w in (8, 4)]
+    if BK >= 64:
+        opts += [dict(BKS=64, num_warps=8, num_stages=st) for st in _stages()]
+    return opts
 
 
 def chunk_bwd(q, k, v, saved, do, dht, scale, meta, need_dh0):
@@ -296,8 +355,15 @@ def chunk_bwd(q, k, v, saved, do, dht, scale, meta, need_dh0):
     dq = torch.empty_like(q)
     dk = torch.empty_like(k)
     dg = torch.empty(NTOK, H, K, device=dev, dtype=torch.float32)
-    launch(chunk_bwd_dqkg_kernel, lambda opt: (NT, H, triton.cdiv(K, opt["BKS"])),
-           (q, k, G, Tm, vn, h, dh, do, dvn, dA, dP, dq, dk, dg, ci, cu, scale),
+    # fp32 partial dq, dk~ of the inter-chunk kernel; fp32 outputs serve as their own scratch
+    # (each intra program reads its block before it overwrites it), and dg holds the partial dG.
+    dq0 = dq if dq.dtype == torch.float32 else torch.empty(NTOK, H, K, device=dev, dtype=torch.float32)
+    dk0 = dk if dk.dtype == torch.float32 else torch.empty_like(dq0)
+    launch(chunk_bwd_dqkg_inter_kernel, lambda opt: (triton.cdiv(K, opt["BKS"]), NT, H),
+           (q, k, G, Tm, vn, h, dh, do, dvn, dA, dP, dq0, dk0, dg, ci, cu, scale),
            dict(H=H, K=K, V=V, BT=BT, BC=min(16, BT), OP_BF16=pr["OP_BF16"] and BWD_BF16, DOT_PREC=prec),
-           dqkg_options(BK, K, V))
+           dqkg_inter_options(BK, K, V))
+    launch(chunk_bwd_dqkg_intra_kernel, lambda opt: (triton.cdiv(K, opt["BKS"]), NT, H),
+           (q, k, G, dA, dP, dq0, dk0, dq, dk, dg, ci, cu),
+           dict(H=H, K=K, BT=BT, BC=min(16, BT)), dqkg_intra_options(BK, K))
     return dq, dk, dv, dg, (dh0 if need_dh0 else None)

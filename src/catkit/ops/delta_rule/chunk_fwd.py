@@ -16,13 +16,23 @@ The decay ratio exp(G_i - G_j) is never split into exp(G_i) * exp(-G_j), whose s
 overflows fp32 for strong decay at C = 64. Between 16-row sub-chunks it is factored through the
 last row r of the earlier sub-chunk, exp(G_i - G_r) * exp(G_r - G_j), both exponents <= 0 (tensor-
 core products); inside a sub-chunk it is formed per pair. The inverses of the 16x16 diagonal
-blocks of I + A come from chunk_intra (forward substitution on its register tile), and
-chunk_prep merges them into T with an exact block-Neumann step.
+blocks of I + A come from chunk_intra (a product of four Neumann factors), and chunk_prep merges
+them into T with an exact block-Neumann step.
 
 Kernels: ``chunk_cumsum`` (G), ``chunk_intra`` (A, P, diagonal inverses; per sub-chunk),
-``chunk_prep`` (T, W, U = T V, Q e^G, K e^(G_C - G); parallel over chunks), ``chunk_fwd_state``
-(sequential over chunks per (sequence, head, V tile): Vn, per-chunk start states, final state),
-``chunk_fwd_o`` (O from the saved states, parallel over chunks).
+``chunk_tsolve`` (T = (I + A)^-1 per chunk), ``chunk_prep`` (W, U = T V, Q e^G, K e^(G_C - G);
+per chunk and column block), ``chunk_fwd_state`` (sequential over chunks per (sequence, head, V
+tile): Vn, per-chunk start states, final state), ``chunk_fwd_o`` (O from the saved states,
+parallel over chunks).
+
+HBM bytes per (chunk, head) at BT = 64, K = V = 128, bf16 inputs (fp32 g), estimates (x 8192 at
+32K tokens x 16 heads; 1 GB ~ 0.21 ms at the H200's 4.8 TB/s): cumsum 32 KB in, 32 KB out (G
+fp32); intra ~64 KB in (own rows q, k, G; left rows k, G mostly L2 hits), ~24 KB out (A fp32,
+P, diagonal inverses); tsolve 32 KB in, 16 KB out; prep ~96 KB in (k, q, v, G; T from L2), 64 KB
+out (W, QG, KD, U); state ~48 KB in (W, KD, U), ~80 KB out (Vn, chunk-start states fp32); o
+~100 KB in (QG, P, Vn, states), 16 KB out. Every kernel is far from its bandwidth bound (~0.1-0.3
+ms each at that shape); what they cost beyond it is latency and occupancy, hence the register
+notes per kernel.
 """
 
 from __future__ import annotations
@@ -80,136 +90,170 @@ def _mm(a, b, OP_BF16: tl.constexpr, DOT_PREC: tl.constexpr):
 @triton.jit
 def chunk_intra_kernel(q, k, G, A, P, Tm, chunk_indices, cu_seqlens,
                        H: tl.constexpr, K: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr,
-                       BKS: tl.constexpr, NK: tl.constexpr, DOT_PREC: tl.constexpr):
+                       BKS: tl.constexpr, NK: tl.constexpr, DOT_PREC: tl.constexpr,
+                       INV_PREC: tl.constexpr):
     """Rows of sub-chunk ``a`` (BC rows) of A = strict_lower(K D K^T) and P = lower(Q D K^T), and
     the inverse (I + A_aa)^-1 of the diagonal block, written into the diagonal block of ``Tm``.
 
-    One small program per (chunk, head, sub-chunk) keeps the register footprint low, so many run
-    per SM and hide the latency of the per-column loop on the diagonal block.
+    One small program per (chunk, head, sub-chunk); it reads its own rows once per key block and
+    the rows left of it once (bytes per program ~ (3 BC + 2 a BC) K words in, (2 a + 3) BC^2 out).
     """
     i_t, i_h, i_a = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     t0, eos = _seq_bounds(chunk_indices, cu_seqlens, i_t, BT)
     c16 = tl.arange(0, BC)
+    cols = tl.arange(0, BT)
     ra = i_a * BC + c16  # this block's rows, inside the chunk
     valid = (t0 + ra) < eos
     offa = (t0 + ra)[:, None] * (H * BT) + i_h * BT
-    # Blocks left of the diagonal: exp(G_i - G_j) = exp(G_i - G_r) exp(G_r - G_j) with G_r the
-    # cumulative decay at the last row of column block b; both exponents are <= 0, so neither
-    # factor can overflow however strong the decay, and the products run on tensor cores.
-    # a sub-chunk past the sequence end writes nothing; its blocks may not read past it either
-    n_left = tl.where(t0 + i_a * BC < eos, i_a, 0)
-    for b in range(0, n_left):
-        r_ref = tl.minimum(t0 + b * BC + BC - 1, eos - 1)
-        b_a = tl.zeros([BC, BC], dtype=tl.float32)
-        b_p = tl.zeros([BC, BC], dtype=tl.float32)
-        for i_k in range(0, NK):
-            ck = i_k * BKS + tl.arange(0, BKS)
-            m = valid[:, None] & (ck[None, :] < K)
-            mb = ((t0 + b * BC + c16) < eos)[:, None] & (ck[None, :] < K)
-            off = (t0 + ra)[:, None] * (H * K) + i_h * K + ck[None, :]
-            offb = (t0 + b * BC + c16)[:, None] * (H * K) + i_h * K + ck[None, :]
-            b_k = tl.load(k + off, mask=m, other=0.0).to(tl.float32)
-            b_q = tl.load(q + off, mask=m, other=0.0).to(tl.float32)
-            b_G = tl.load(G + off, mask=m, other=0.0)
-            b_kb = tl.load(k + offb, mask=mb, other=0.0).to(tl.float32)
-            b_Gb = tl.load(G + offb, mask=mb, other=0.0)
-            G_r = tl.load(G + r_ref * (H * K) + i_h * K + ck, mask=ck < K, other=0.0)
-            F = tl.where(m, tl.exp(tl.where(m, b_G - G_r[None, :], 0.0)), 0.0)
-            R = tl.where(mb, b_kb * tl.exp(tl.where(mb, G_r[None, :] - b_Gb, 0.0)), 0.0)
-            b_a += tl.dot(b_k * F, tl.trans(R), input_precision=DOT_PREC)
-            b_p += tl.dot(b_q * F, tl.trans(R), input_precision=DOT_PREC)
-        tl.store(A + offa + b * BC + c16[None, :], b_a, mask=valid[:, None])
-        tl.store(P + offa + b * BC + c16[None, :], b_p, mask=valid[:, None])
-    # Diagonal block: the exact per-pair ratio, one column at a time.
+    # All blocks left of the diagonal at once: exp(G_i - G_j) = exp(G_i - G_r) exp(G_r - G_j) with
+    # r the row just before this block, so both exponents are <= 0 for every i in the block and
+    # every j < r + 1: no factor can overflow however strong the decay (a factor that underflows
+    # stands for a product that is smaller still), and the products run on tensor cores as one
+    # [BC, BKS] x [BKS, BT] dot per key block (columns >= a*BC are masked to zero).
+    left = (cols < i_a * BC) & ((t0 + cols) < eos)
+    r_ref = tl.minimum(tl.maximum(t0 + i_a * BC - 1, t0), eos - 1)
+    lower = c16[:, None] >= c16[None, :]
+    b_al = tl.zeros([BC, BT], dtype=tl.float32)
+    b_pl = tl.zeros([BC, BT], dtype=tl.float32)
     b_a = tl.zeros([BC, BC], dtype=tl.float32)
     b_p = tl.zeros([BC, BC], dtype=tl.float32)
     for i_k in range(0, NK):
         ck = i_k * BKS + tl.arange(0, BKS)
         m = valid[:, None] & (ck[None, :] < K)
+        ml = left[:, None] & (ck[None, :] < K)
         off = (t0 + ra)[:, None] * (H * K) + i_h * K + ck[None, :]
+        offl = (t0 + cols)[:, None] * (H * K) + i_h * K + ck[None, :]
         b_k = tl.load(k + off, mask=m, other=0.0).to(tl.float32)
         b_q = tl.load(q + off, mask=m, other=0.0).to(tl.float32)
         b_G = tl.load(G + off, mask=m, other=0.0)
-        for jl in range(0, BC):
-            jm = (ck < K) & ((t0 + i_a * BC + jl + ck * 0) < eos)
-            offj = (t0 + i_a * BC + jl) * (H * K) + i_h * K + ck
-            k_j = tl.load(k + offj, mask=jm, other=0.0).to(tl.float32)
-            G_j = tl.load(G + offj, mask=jm, other=0.0)
-            lo = (c16 >= jl)[:, None] & m
-            E = tl.where(lo, tl.exp(tl.where(lo, b_G - G_j[None, :], 0.0)), 0.0)
-            kE = k_j[None, :] * E
-            colA = tl.where(c16 > jl, tl.sum(b_k * kE, axis=1), 0.0)
-            colP = tl.sum(b_q * kE, axis=1)
-            sel = c16[None, :] == jl
-            b_a += tl.where(sel, colA[:, None], 0.0)
-            b_p += tl.where(sel, colP[:, None], 0.0)
+        G_r = tl.load(G + r_ref * (H * K) + i_h * K + ck, mask=ck < K, other=0.0)
+        b_kl = tl.load(k + offl, mask=ml, other=0.0).to(tl.float32)
+        b_Gl = tl.load(G + offl, mask=ml, other=0.0)
+        F = tl.where(m, tl.exp(tl.where(m, b_G - G_r[None, :], 0.0)), 0.0)
+        R = tl.where(ml, b_kl * tl.exp(tl.where(ml, G_r[None, :] - b_Gl, 0.0)), 0.0)
+        b_al += tl.dot(b_k * F, tl.trans(R), input_precision=DOT_PREC)
+        b_pl += tl.dot(b_q * F, tl.trans(R), input_precision=DOT_PREC)
+        # Diagonal block: the exact per-pair ratio as one [BC, BC, BKS] form (no per-column loop,
+        # no row re-loads). min(., 0) keeps the unused upper pairs (G_i - G_j >= 0) from
+        # overflowing; they are dropped by the triangle masks below. Rows/columns past the
+        # sequence end have k = q = 0, so they add nothing.
+        E = tl.exp(tl.minimum(b_G[:, None, :] - b_G[None, :, :], 0.0))
+        kE = b_k[None, :, :] * E
+        b_a += tl.sum(b_k[:, None, :] * kE, axis=2)
+        b_p += tl.sum(b_q[:, None, :] * kE, axis=2)
+    b_a = tl.where(c16[:, None] > c16[None, :], b_a, 0.0)
+    b_p = tl.where(lower, b_p, 0.0)
+    ml = valid[:, None] & (cols[None, :] < i_a * BC)
+    tl.store(A + offa + cols[None, :], b_al, mask=ml)
+    tl.store(P + offa + cols[None, :], b_pl.to(P.dtype.element_ty), mask=ml)
     tl.store(A + offa + i_a * BC + c16[None, :], b_a, mask=valid[:, None])
-    tl.store(P + offa + i_a * BC + c16[None, :], b_p, mask=valid[:, None])
-    # (I + A_aa)^-1 by forward substitution on the register tile: row i of the inverse is
-    # e_i - sum_{j<i} A_ij row_j, rows j < i already final. Plain fp32 FMAs, no dot-precision loss
-    # and no serial 64x64 products in chunk_prep.
-    b_t = tl.where(c16[:, None] == c16[None, :], 1.0, 0.0)
-    for i in range(1, BC):
-        a_i = tl.sum(tl.where(c16[:, None] == i, b_a, 0.0), axis=0)
-        r_i = tl.sum(a_i[:, None] * b_t, axis=0)
-        b_t = tl.where(c16[:, None] == i, b_t - r_i[None, :], b_t)
+    tl.store(P + offa + i_a * BC + c16[None, :], b_p.to(P.dtype.element_ty), mask=valid[:, None])
+    # (I + A_aa)^-1 = (I + N)(I + N^2)(I + N^4)(I + N^8) with N = -A_aa (strictly lower, so
+    # N^16 = 0): six 16x16 products at INV_PREC instead of a 15-step serial substitution in
+    # chunk_prep's 64x64 tiles.
+    eye = tl.where(c16[:, None] == c16[None, :], 1.0, 0.0)
+    b_n = -b_a
+    b_n2 = tl.dot(b_n, b_n, input_precision=INV_PREC)
+    b_n4 = tl.dot(b_n2, b_n2, input_precision=INV_PREC)
+    b_n8 = tl.dot(b_n4, b_n4, input_precision=INV_PREC)
+    b_t = eye + b_n + b_n2 + tl.dot(b_n, b_n2, input_precision=INV_PREC)
+    b_t += tl.dot(b_t, b_n4, input_precision=INV_PREC)
+    b_t += tl.dot(b_t, b_n8, input_precision=INV_PREC)
     tl.store(Tm + offa + i_a * BC + c16[None, :], b_t, mask=valid[:, None])
 
 
 @triton.jit
-def chunk_prep_kernel(k, v, G, A, Tm, W, U, QG, KD, q, chunk_indices, cu_seqlens,
-                      H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr,
-                      BC: tl.constexpr, BKS: tl.constexpr, NK: tl.constexpr, BV: tl.constexpr,
-                      DOT_PREC: tl.constexpr, INV_PREC: tl.constexpr):
-    """Per chunk: T = (I + A)^-1, W = T (K e^G), U = T V, QG = Q e^G, KD = K e^(G_C - G)."""
+def chunk_tsolve_kernel(A, Tm, chunk_indices, cu_seqlens, H: tl.constexpr, BT: tl.constexpr,
+                        BC: tl.constexpr, INV_PREC: tl.constexpr):
+    """Per chunk: T = (I + A)^-1 into Tm (which holds the diagonal-block inverses on entry).
+
+    Its own kernel because the tf32x3 products (three tensor-core passes on split operands) on
+    [BT, BT] tiles take ~90 more registers per thread than anything else in the forward: fused
+    with the W/U products they held chunk_prep at 254 registers (one CTA per SM). Bytes per
+    (chunk, head): 2 BT^2 fp32 read, BT^2 fp32 written.
+    """
     i_t, i_h = tl.program_id(0), tl.program_id(1)
     t0, eos = _seq_bounds(chunk_indices, cu_seqlens, i_t, BT)
     rows = tl.arange(0, BT)
     cols = tl.arange(0, BT)
     rb = rows // BC
     cb = cols // BC
-    rl = rows % BC
+    valid = (t0 + rows) < eos
+    offc = (t0 + rows)[:, None] * (H * BT) + i_h * BT + cols[None, :]
+    # The inverses D^-1 of the 16x16 diagonal blocks come from chunk_intra (in the diagonal blocks
+    # of Tm); with M = D^-1 L (L = the blocks of A below the diagonal, M^NS = 0):
+    # T = (I - M + M^2 - M^3) D^-1 = (I + M^2)(I - M) D^-1, exact for NS <= 4. Evaluated as
+    # Y = D^-1 - M D^-1, T = Y + M^2 Y so that at most three [BT, BT] fp32 tiles are live (no
+    # identity tile, no separate A tile).
+    b_Td = tl.load(Tm + offc, mask=valid[:, None] & (rb[:, None] == cb[None, :]), other=0.0)
+    # only the strictly lower part of A was written (NaN-poisoned or stale elsewhere)
+    b_L = tl.load(A + offc, mask=valid[:, None] & (rb[:, None] > cb[None, :]), other=0.0)
+    b_M = tl.dot(b_Td, b_L, input_precision=INV_PREC)
+    b_T = b_Td - tl.dot(b_M, b_Td, input_precision=INV_PREC)
+    b_M = tl.dot(b_M, b_M, input_precision=INV_PREC)
+    b_T += tl.dot(b_M, b_T, input_precision=INV_PREC)
+    tl.store(Tm + offc, b_T, mask=valid[:, None])
+
+
+@triton.jit
+def chunk_prep_kernel(k, v, G, Tm, W, U, QG, KD, q, chunk_indices, cu_seqlens,
+                      H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr,
+                      BKS: tl.constexpr, DOT_PREC: tl.constexpr):
+    """Per (chunk, head, column block s): W = T (K e^G), QG = Q e^G, KD = K e^(G_C - G) on key
+    columns [s BKS, (s+1) BKS) and U = T V on the same value columns (either part skipped past
+    K or V). Splitting columns over programs keeps each small (one dot per part); every program
+    re-reads T (BT^2 fp32, from L2). Bytes per (chunk, head): BT^2 fp32 per program + 3 BT K bf16
+    and BT K fp32 in, BT V bf16 in; 3 BT K + BT V bf16 out.
+    """
+    i_t, i_h, i_s = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    t0, eos = _seq_bounds(chunk_indices, cu_seqlens, i_t, BT)
+    rows = tl.arange(0, BT)
+    cols = tl.arange(0, BT)
     valid = (t0 + rows) < eos
     last = tl.minimum(t0 + BT, eos) - 1
     offc = (t0 + rows)[:, None] * (H * BT) + i_h * BT + cols[None, :]
-    # only the strictly lower part of A was written (NaN-poisoned or stale elsewhere)
-    b_A = tl.load(A + offc, mask=valid[:, None] & (rows[:, None] > cols[None, :]), other=0.0)
-    same = rb[:, None] == cb[None, :]
-
-    # T = (I + A)^-1. The inverses D^-1 of the 16x16 diagonal blocks come from chunk_intra (in the
-    # diagonal blocks of Tm); with M = D^-1 L (L = blocks below the diagonal, M^NS = 0):
-    # T = (I - M + M^2 - M^3) D^-1 = (I - M)(I + M^2) D^-1, exact for NS <= 4.
-    eye = tl.where(rows[:, None] == cols[None, :], 1.0, 0.0)
-    b_Td = tl.load(Tm + offc, mask=valid[:, None] & same, other=0.0)
-    b_L = tl.where(rb[:, None] > cb[None, :], b_A, 0.0)
-    b_M = tl.dot(b_Td, b_L, input_precision=INV_PREC)
-    b_M2 = tl.dot(b_M, b_M, input_precision=INV_PREC)
-    b_X = tl.dot(eye - b_M, eye + b_M2, input_precision=INV_PREC)
-    b_T = tl.dot(b_X, b_Td, input_precision=INV_PREC)
-
-    mc = valid[:, None] & (cols[None, :] < BT)
-    tl.store(Tm + offc, b_T, mask=mc)
-    for i_k in range(0, NK):
-        ck = i_k * BKS + tl.arange(0, BKS)
-        m = valid[:, None] & (ck[None, :] < K)
-        off = (t0 + rows)[:, None] * (H * K) + i_h * K + ck[None, :]
+    # T is lower triangular (chunk_tsolve stores its upper part as zeros)
+    b_T = tl.load(Tm + offc, mask=valid[:, None], other=0.0)
+    cs = i_s * BKS + tl.arange(0, BKS)
+    if i_s * BKS < K:
+        m = valid[:, None] & (cs[None, :] < K)
+        off = (t0 + rows)[:, None] * (H * K) + i_h * K + cs[None, :]
         b_k = tl.load(k + off, mask=m, other=0.0).to(tl.float32)
-        b_q = tl.load(q + off, mask=m, other=0.0).to(tl.float32)
         b_G = tl.load(G + off, mask=m, other=0.0)
-        G_l = tl.load(G + last * (H * K) + i_h * K + ck, mask=ck < K, other=0.0)
         b_eG = tl.exp(b_G)
         b_W = tl.dot(b_T, b_k * b_eG, input_precision=DOT_PREC)
         tl.store(W + off, b_W.to(W.dtype.element_ty), mask=m)
+        b_q = tl.load(q + off, mask=m, other=0.0).to(tl.float32)
         tl.store(QG + off, (b_q * b_eG).to(QG.dtype.element_ty), mask=m)
+        G_l = tl.load(G + last * (H * K) + i_h * K + cs, mask=cs < K, other=0.0)
         b_kd = tl.where(m, b_k * tl.exp(tl.where(m, G_l[None, :] - b_G, 0.0)), 0.0)
         tl.store(KD + off, b_kd.to(KD.dtype.element_ty), mask=m)
-    for i_v in range(0, tl.cdiv(V, BV)):
-        cv = i_v * BV + tl.arange(0, BV)
-        mv = valid[:, None] & (cv[None, :] < V)
-        offv = (t0 + rows)[:, None] * (H * V) + i_h * V + cv[None, :]
+    if i_s * BKS < V:
+        mv = valid[:, None] & (cs[None, :] < V)
+        offv = (t0 + rows)[:, None] * (H * V) + i_h * V + cs[None, :]
         b_v = tl.load(v + offv, mask=mv, other=0.0).to(tl.float32)
         b_U = tl.dot(b_T, b_v, input_precision=DOT_PREC)
         tl.store(U + offv, b_U.to(U.dtype.element_ty), mask=mv)
+
+
+@triton.jit
+def _state_loads(U, W, KD, G, t0, eos, i_h, cv, H: tl.constexpr, K: tl.constexpr,
+                 V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr):
+    """W, KD^T ([BK, BT], straight into the update product), U and G at the chunk's last row, for
+    the chunk starting at token t0 (all masked when t0 >= eos)."""
+    rows = tl.arange(0, BT)
+    ck = tl.arange(0, BK)
+    valid = (t0 + rows) < eos
+    m = valid[:, None] & (ck[None, :] < K)
+    mv = valid[:, None] & (cv[None, :] < V)
+    off = (t0 + rows)[:, None] * (H * K) + i_h * K + ck[None, :]
+    offv = (t0 + rows)[:, None] * (H * V) + i_h * V + cv[None, :]
+    b_W = tl.load(W + off, mask=m, other=0.0)
+    b_kdt = tl.load(KD + tl.trans(off), mask=tl.trans(m), other=0.0)
+    b_U = tl.load(U + offv, mask=mv, other=0.0).to(tl.float32)
+    last = tl.maximum(tl.minimum(t0 + BT, eos) - 1, 0)
+    G_l = tl.load(G + last * (H * K) + i_h * K + ck, mask=(ck < K) & (t0 + ck * 0 < eos), other=0.0)
+    return b_W, b_kdt, b_U, G_l
 
 
 @triton.jit
@@ -217,7 +261,7 @@ def chunk_fwd_state_kernel(U, W, KD, G, vn, h, h0, ht, cu_seqlens, chunk_offsets
                            H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
                            BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
                            HAS_H0: tl.constexpr, STORE_FINAL: tl.constexpr,
-                           DOT_PREC: tl.constexpr):
+                           DOT_PREC: tl.constexpr, PREFETCH: tl.constexpr):
     # One program carries the [K, BV] slice of one sequence/head's state through its chunks; V
     # columns of S evolve independently (Vn[:, v] depends only on S[:, v]), hence the V tiling.
     # Only what the recurrence needs is done here (Vn and the chunk-start states); everything
@@ -241,23 +285,23 @@ def chunk_fwd_state_kernel(U, W, KD, G, vn, h, h0, ht, cu_seqlens, chunk_offsets
     b_S = tl.zeros([BK, BV], dtype=tl.float32)
     if HAS_H0:
         b_S = tl.load(h0 + i_n * H * K * V + off_s, mask=mkv, other=0.0).to(tl.float32)
+    # The loads of chunk c + 1 (independent of S) are issued before chunk c's products, so their
+    # latency hides behind the two dots instead of stalling the serial chain every chunk; past the
+    # last chunk every lane is masked.
+    b_W, b_kdt, b_U, G_l = _state_loads(U, W, KD, G, bos, eos, i_h, cv, H, K, V, BT, BK)
     for c in range(0, NC):
         t0 = bos + c * BT
-        valid = (t0 + rows) < eos
-        m = valid[:, None] & (ck[None, :] < K)
-        mv = valid[:, None] & (cv[None, :] < V)
         tl.store(h + (boh + c) * H * K * V + off_s, b_S, mask=mkv)
-        off = (t0 + rows)[:, None] * (H * K) + i_h * K + ck[None, :]
-        offv = (t0 + rows)[:, None] * (H * V) + i_h * V + cv[None, :]
-        b_W = tl.load(W + off, mask=m, other=0.0)
-        # K e^(G_C - G) loaded transposed, [BK, BT], straight into the update product
-        b_kdt = tl.load(KD + tl.trans(off), mask=tl.trans(m), other=0.0)
-        b_U = tl.load(U + offv, mask=mv, other=0.0).to(tl.float32)
-        last = tl.minimum(t0 + BT, eos) - 1
-        G_l = tl.load(G + last * (H * K) + i_h * K + ck, mask=ck < K, other=0.0)
+        if PREFETCH:
+            n_W, n_kdt, n_U, n_G = _state_loads(U, W, KD, G, t0 + BT, eos, i_h, cv, H, K, V, BT, BK)
         b_vn = b_U - tl.dot(b_W.to(tl.float32), b_S, input_precision=DOT_PREC)
-        tl.store(vn + offv, b_vn, mask=mv)
+        offv = (t0 + rows)[:, None] * (H * V) + i_h * V + cv[None, :]
+        mv = ((t0 + rows) < eos)[:, None] & (cv[None, :] < V)
+        tl.store(vn + offv, b_vn.to(vn.dtype.element_ty), mask=mv)
         b_S = b_S * tl.exp(G_l)[:, None] + tl.dot(b_kdt.to(tl.float32), b_vn, input_precision=DOT_PREC)
+        if not PREFETCH:  # the earlier order (for the sweep): loads wait for the products
+            n_W, n_kdt, n_U, n_G = _state_loads(U, W, KD, G, t0 + BT, eos, i_h, cv, H, K, V, BT, BK)
+        b_W, b_kdt, b_U, G_l = n_W, n_kdt, n_U, n_G
     if STORE_FINAL:
         tl.store(ht + i_n * H * K * V + off_s, b_S, mask=mkv)
 
@@ -304,7 +348,9 @@ def launch(kernel, grid_fn, args, consts, options):
     """
     from triton.runtime.errors import OutOfResources
 
-    key = (kernel.fn.__name__, PIPELINE_STAGES, tuple(sorted(consts.items())))
+    # the first option is part of the key: a caller may order the same list differently per shape
+    key = (kernel.fn.__name__, PIPELINE_STAGES, tuple(sorted(consts.items())),
+           tuple(sorted(options[0].items())))
     start = _CHOSEN.get(key, 0)
     err = None
     for i in range(start, len(options)):
@@ -350,28 +396,36 @@ def chunk_fwd(q, k, v, g, scale, initial_state, output_final_state, meta, save):
     chunk_cumsum_kernel[(NT, H)](g, G, ci, cu, H=H, K=K, BT=BT, BK=BK, G_SCALAR=g.dim() == 2,
                                  num_warps=4, num_stages=1)
     Tm = torch.empty(NTOK, H, BT, device=dev, dtype=torch.float32)
-    P, A = torch.empty_like(Tm), torch.empty_like(Tm)
+    A = torch.empty_like(Tm)
+    # P and Vn only ever enter products through _mm, which rounds them to bf16 on the bf16 path
+    # (forward o, backward dVn / dP / dKd): stored in bf16 there, with the same rounding, they
+    # move half the bytes (P: NTOK H BT, Vn: NTOK H V words; written once, read 2-3 times).
+    opd = torch.bfloat16 if pr["OP_BF16"] else torch.float32
+    P = torch.empty(NTOK, H, BT, device=dev, dtype=opd)
     BC = min(16, BT)
     launch(chunk_intra_kernel, lambda o: (NT, H, BT // BC), (q, k, G, A, P, Tm, ci, cu),
-           dict(H=H, K=K, BT=BT, BC=BC, DOT_PREC=pr["DOT_PREC"]), intra_options(BK, K))
+           dict(H=H, K=K, BT=BT, BC=BC, DOT_PREC=pr["DOT_PREC"], INV_PREC=pr["INV_PREC"]),
+           intra_options(BK, K))
     W = torch.empty(NTOK, H, K, device=dev, dtype=q.dtype)
     QG, KD = torch.empty_like(W), torch.empty_like(W)
     U = torch.empty(NTOK, H, V, device=dev, dtype=q.dtype)
-    launch(chunk_prep_kernel, lambda o: (NT, H), (k, v, G, A, Tm, W, U, QG, KD, q, ci, cu),
-           dict(H=H, K=K, V=V, BT=BT, BC=BC, DOT_PREC=pr["DOT_PREC"], INV_PREC=pr["INV_PREC"]),
-           [{"BV": min(32, max(16, triton.next_power_of_2(V))), **kb} for kb in kblock_options(BK, K)])
+    COMPILED["chunk_tsolve_kernel"] = chunk_tsolve_kernel[(NT, H)](
+        A, Tm, ci, cu, H=H, BT=BT, BC=BC, INV_PREC=pr["INV_PREC"], num_warps=4, num_stages=1)
+    launch(chunk_prep_kernel, lambda o: (NT, H, triton.cdiv(max(K, V), o["BKS"])),
+           (k, v, G, Tm, W, U, QG, KD, q, ci, cu),
+           dict(H=H, K=K, V=V, BT=BT, DOT_PREC=pr["DOT_PREC"]), prep_options(K, V))
     o = torch.empty(NTOK, H, V, device=dev, dtype=q.dtype)
     # Vn and the per-chunk start states are written even for inference: the output kernel reads
     # them (and an earlier variant that skipped them hit an illegal memory access on an H200 with
     # Triton 3.6).
-    vn = torch.empty(NTOK, H, V, device=dev, dtype=torch.float32)
+    vn = torch.empty(NTOK, H, V, device=dev, dtype=opd)
     h = torch.empty(NT, H, K, V, device=dev, dtype=torch.float32)
     ht = torch.empty(N, H, K, V, device=dev, dtype=torch.float32) if output_final_state else o
     h0 = initial_state if initial_state is not None else o
     launch(chunk_fwd_state_kernel, lambda opt: (triton.cdiv(V, opt["BV"]), N * H),
            (U, W, KD, G, vn, h, h0, ht, cu, meta["chunk_offsets"]),
            dict(H=H, K=K, V=V, BT=BT, BK=BK, HAS_H0=initial_state is not None,
-                STORE_FINAL=output_final_state, DOT_PREC=pr["DOT_PREC"]), vtile_options(V))
+                STORE_FINAL=output_final_state, DOT_PREC=pr["DOT_PREC"]), state_options(V, N * H, dev))
     launch(chunk_fwd_o_kernel, lambda opt: (triton.cdiv(V, opt["BV"]), NT, H),
            (QG, P, vn, h, o, ci, cu, scale),
            dict(H=H, K=K, V=V, BT=BT, BK=BK, OP_BF16=pr["OP_BF16"], DOT_PREC=pr["DOT_PREC"]),
@@ -398,11 +452,45 @@ def vtile_options(V):
             for bv in sorted({top, 16}, reverse=True) for w in (8, 4)]
 
 
+# Issue chunk c+1's loads before chunk c's products in chunk_fwd_state (+~40 registers on
+# sm_90: 149 -> 179 at BV = 16, 185 -> 220 at BV = 32, 8 warps, Triton 3.9 estimates).
+STATE_PREFETCH = True
+
+
+def state_options(V, NH, dev):
+    """V tiles for the sequential state pass: its grid is only NH * V / BV programs (64 at
+    N = 1, H = 16, V = 128, BV = 32: half of an H100/H200's SMs idle for the whole pass), so
+    BV = 16 goes first when BV = 32 would leave SMs empty. BV = 16 reads W and KD twice as often
+    (per chunk and program: BT K bf16 each, from L2 when the V tiles of a head run together), so
+    it is not the default when the grid fills the card anyway. Bytes per (chunk, head, V tile):
+    2 BT K bf16 + BT BV bf16 in (W, KD, U), BT BV + K BV fp32 out (Vn, the chunk-start state).
+    """
+    # prefetch only at BV = 16: at BV = 32 the H200 profile had 226 registers (Triton 3.6) before
+    # it, and the ~40 it adds on sm_90 would spill there; scripts/sweep_delta_fwd.py times both
+    opts = [dict(o, PREFETCH=STATE_PREFETCH and o["BV"] <= 16) for o in vtile_options(V)]
+    sms = torch.cuda.get_device_properties(dev).multi_processor_count if dev.type == "cuda" else 0
+    if NH * triton.cdiv(V, opts[0]["BV"]) < sms:
+        # 4 warps first at BV = 16: with 8 warps, bf16 W / KD and a [BT, BK] x [BK, 16] product,
+        # Triton 3.6 on an H200 made an illegal memory access in this kernel (varlen, partial
+        # chunks; the fp32 path and 4 warps were fine), measured by scripts/check_delta_fwd_kernels.py
+        opts = sorted(opts, key=lambda o: (o["BV"], o["num_warps"]))
+    return opts
+
+
 def intra_options(BK, K):
     """(BKS, NK, num_warps, num_stages) for the small per-sub-chunk kernel."""
-    top = min(64, BK)
+    # the diagonal block's [BC, BC, BKS] pair form holds BC * BC * BKS / (32 * num_warps) fp32
+    # registers per thread: BKS = 16 at 4 warps is 32 (128 regs in all on sm_90, no spills)
     return [dict(BKS=b, NK=triton.cdiv(K, b), num_warps=w, num_stages=st) for st in _stages()
-            for b in sorted({top, 16}, reverse=True) for w in (4, 2)]
+            for b, w in ((16, 4), (16, 8), (16, 2))]
+
+
+def prep_options(K, V):
+    """(BKS, num_warps, num_stages) for chunk_prep: column block width (programs per chunk and
+    head = max(K, V) / BKS)."""
+    top = min(32, max(16, triton.next_power_of_2(max(K, V))))
+    return [dict(BKS=b, num_warps=w, num_stages=st) for st in _stages()
+            for b in sorted({top, 16}, reverse=True) for w in (4, 8)]
 
 
 def kblock_options(BK, K):
