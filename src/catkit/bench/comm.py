@@ -436,7 +436,8 @@ def _finish(rows: list[dict], report: bool = True) -> list[dict]:
         per = ", ".join(f"{r['method'].removeprefix('fallback_')}: {r['fallback_bytes_measured']}" for r in fb)
         world = nccl[0]["world"]
         print(f"[comm] measured fallback bytes ({per}); set FALLBACK_BYTES[(\"nccl\", {world})] = "
-              f"{fb[0]['recommended_fallback_bytes']} in catkit/dist/flash_all_reduce.py", flush=True)
+              f"{fb[0]['recommended_fallback_bytes']} in catkit/dist/flash_all_reduce.py (or per "
+              f"reduce-scatter width: FALLBACK_BYTES[(\"nccl\", {world}, bits)])", flush=True)
     return rows + fb
 
 

@@ -50,15 +50,25 @@ from catkit.ops.quant.layout import QTensor, QuantLayout, check_quant_args, row_
 from catkit.utils.device import check_tensor
 
 # Below this many input bytes ``flash_all_reduce`` runs the exact all-reduce instead, because
-# two collectives plus three kernels cannot beat one NCCL call there. Keys: backend, or
-# (backend, world size) where that was measured; ``catkit bench comm`` prints the crossover
-# ("[comm] measured fallback bytes ... set FALLBACK_BYTES[...]") in its ``fallback_*`` rows.
-# Measured on H200s (benchmarks/results/comm-NVIDIA_H200-*.json): 2 GPUs, no size up to 256 MB
+# two collectives plus three kernels cannot beat one NCCL call there. Keys, most specific first:
+# (backend, world size, bits of the reduce-scatter step), (backend, world size), backend;
+# ``catkit bench comm`` prints the crossover ("[comm] measured fallback bytes ... set
+# FALLBACK_BYTES[...]") in its ``fallback_*`` rows (``fallback_bytes_measured`` per width).
+# Measured on H200s (benchmarks/results/comm-NVIDIA_H200-*gpu.json): 2 GPUs, no size up to 256 MB
 # where a compressed width beat NCCL bf16 (crossover above 256 MB, recorded as 512 MiB); 4 GPUs,
-# int4/int6 won from 256 MB (1.37x / 1.16x). Other world sizes use the 4-GPU value until measured.
+# int4 and int6 (4-bit reduce-scatter) win from 64 MB (1.22x / 1.04x there, 1.42x / 1.18x at
+# 256 MB), int8 only at 256 MB (1.02x). Other world sizes use the 4-GPU int8 value until measured.
 # "gloo" is 0 so CPU runs (tests) always take the compressed path; on CPU compression is about
 # correctness, not speed.
-FALLBACK_BYTES: dict = {"nccl": 256 << 20, ("nccl", 2): 512 << 20, "gloo": 0}
+FALLBACK_BYTES: dict = {"nccl": 256 << 20, ("nccl", 2): 512 << 20, ("nccl", 4, 4): 64 << 20, "gloo": 0}
+
+
+def fallback_bytes(backend: str, world: int, bits: int) -> int:
+    """The measured size below which ``flash_all_reduce`` sends the exact all-reduce instead."""
+    for key in ((backend, world, bits), (backend, world), backend):
+        if key in FALLBACK_BYTES:
+            return FALLBACK_BYTES[key]
+    return 0
 
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -381,7 +391,7 @@ def flash_all_reduce(
         return x if inplace else x.clone()
     nbytes = x.numel() * x.element_size()
     if min_bytes is None:
-        threshold = FALLBACK_BYTES.get((backend, world), FALLBACK_BYTES.get(backend, 0))
+        threshold = fallback_bytes(backend, world, bits)
     else:
         threshold = min_bytes
     small = nbytes < threshold
