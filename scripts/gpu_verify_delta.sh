@@ -1,6 +1,5 @@
 #!/usr/bin/env bash
-# GPU check of the whole delta-rule stack (fwd rework on wip/delta-fwd-opt, stacked on the split
-# backward of wip/delta-bwd-split), ONE device call, at most $TOTAL seconds (default 400):
+# GPU check of the whole delta-rule stack (forward and split backward kernels), ONE device call, at most $TOTAL seconds (default 400):
 #   1. fwd_kernels: every forward intermediate vs fp64 (names the kernel a miscompile comes from)
 #   2. gpu_tests:   gpu-marked delta-rule tests (kernels vs references, bf16 at full size)
 #   3. profile:     per-kernel profile + registers, fg2 vs fla KDA, T = 2K and 32K
@@ -69,7 +68,7 @@ step fwd_kernels 60 python3 scripts/check_delta_fwd_kernels.py "$out"
 step gpu_tests 150 python3 -m pytest -q -s -rs -m gpu -p no:cacheprovider \
     tests/ops/test_delta_rule.py tests/layers/test_delta_net.py
 step profile 150 python3 scripts/profile_delta_rule.py "$out" 2048,32768 fg2,fla_kda
-step bench 150 python3 -m catkit.cli bench delta_rule $bench_quick --out "$out"
+step bench 260 python3 -m catkit.cli bench delta_rule $bench_quick --out "$out"
 step sweep_fwd 400 python3 scripts/sweep_delta_fwd.py "$out" 2048,32768
 step sweep_bwd 400 python3 scripts/sweep_delta_bwd.py "$out" 2048
 echo "gpu_verify: done (exit $status, ${SECONDS}s); logs in $out"
