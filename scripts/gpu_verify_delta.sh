@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# GPU check of the whole delta-rule stack (forward and split backward kernels), ONE device call, at most $TOTAL seconds (default 400):
+# GPU check of the whole delta-rule stack (forward and split backward kernels), ONE device call,
+# at most $TOTAL seconds (default 400):
 #   1. fwd_kernels: every forward intermediate vs fp64 (names the kernel a miscompile comes from)
 #   2. gpu_tests:   gpu-marked delta-rule tests (kernels vs references, bf16 at full size)
 #   3. profile:     per-kernel profile + registers, fg2 vs fla KDA, T = 2K and 32K
