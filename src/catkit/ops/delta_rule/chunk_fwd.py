@@ -88,15 +88,40 @@ def _mm(a, b, OP_BF16: tl.constexpr, DOT_PREC: tl.constexpr):
 
 
 @triton.jit
+def _half_pairs(b_k, b_q, b_G, G, tb, eos, hoff, ck, H: tl.constexpr, K: tl.constexpr,
+                BC: tl.constexpr, S: tl.constexpr, DOT_PREC: tl.constexpr):
+    """One level of chunk_intra's DIAG 3: the A and P entries (i, j) of a BC-row block (first
+    token tb; key columns ck) with i in the lower and j in the upper half of the same S-block."""
+    c16 = tl.arange(0, BC)
+    rr = tb + (c16 // S) * S + S // 2 - 1  # each row's reference: last row of its upper half
+    G_rr = tl.load(G + rr[:, None] * (H * K) + hoff + ck[None, :],
+                   mask=(rr < eos)[:, None] & (ck[None, :] < K), other=0.0)
+    E = tl.exp(-tl.abs(b_G - G_rr))
+    lo = ((c16 % S) >= S // 2)[:, None]
+    kE = b_k * E
+    rhs = tl.trans(tl.where(lo, 0.0, kE))
+    # pairs in different S-blocks used different references: dropped
+    same = (c16[:, None] // S) == (c16[None, :] // S)
+    d_a = tl.where(same, tl.dot(tl.where(lo, kE, 0.0), rhs, input_precision=DOT_PREC), 0.0)
+    d_p = tl.where(same, tl.dot(tl.where(lo, b_q * E, 0.0), rhs, input_precision=DOT_PREC), 0.0)
+    return d_a, d_p
+
+
+@triton.jit
 def chunk_intra_kernel(q, k, G, A, P, Tm, chunk_indices, cu_seqlens,
                        H: tl.constexpr, K: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr,
                        BKS: tl.constexpr, NK: tl.constexpr, DOT_PREC: tl.constexpr,
-                       INV_PREC: tl.constexpr):
+                       INV_PREC: tl.constexpr, DIAG: tl.constexpr, BK: tl.constexpr):
     """Rows of sub-chunk ``a`` (BC rows) of A = strict_lower(K D K^T) and P = lower(Q D K^T), and
     the inverse (I + A_aa)^-1 of the diagonal block, written into the diagonal block of ``Tm``.
 
     One small program per (chunk, head, sub-chunk); it reads its own rows once per key block and
     the rows left of it once (bytes per program ~ (3 BC + 2 a BC) K words in, (2 a + 3) BC^2 out).
+    ``DIAG`` picks how the diagonal block is formed (all give the same A and P; the sweep
+    scripts/sweep_delta_intra.py times them): 0 the per-pair [BC, BC, BKS] form in the key loop,
+    1 a row loop / 2 a column loop on full-width [BC, BK] tiles after the key loop (exact per-pair
+    ratios, fewer registers, reductions along K inside a warp), 3 reference-row dots on the
+    halves of the block, recursively (a quarter of the exps, no per-pair tensors).
     """
     i_t, i_h, i_a = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     t0, eos = _seq_bounds(chunk_indices, cu_seqlens, i_t, BT)
@@ -117,6 +142,7 @@ def chunk_intra_kernel(q, k, G, A, P, Tm, chunk_indices, cu_seqlens,
     b_pl = tl.zeros([BC, BT], dtype=tl.float32)
     b_a = tl.zeros([BC, BC], dtype=tl.float32)
     b_p = tl.zeros([BC, BC], dtype=tl.float32)
+    b_pd = tl.zeros([BC], dtype=tl.float32)
     for i_k in range(0, NK):
         ck = i_k * BKS + tl.arange(0, BKS)
         m = valid[:, None] & (ck[None, :] < K)
@@ -133,14 +159,69 @@ def chunk_intra_kernel(q, k, G, A, P, Tm, chunk_indices, cu_seqlens,
         R = tl.where(ml, b_kl * tl.exp(tl.where(ml, G_r[None, :] - b_Gl, 0.0)), 0.0)
         b_al += tl.dot(b_k * F, tl.trans(R), input_precision=DOT_PREC)
         b_pl += tl.dot(b_q * F, tl.trans(R), input_precision=DOT_PREC)
-        # Diagonal block: the exact per-pair ratio as one [BC, BC, BKS] form (no per-column loop,
-        # no row re-loads). min(., 0) keeps the unused upper pairs (G_i - G_j >= 0) from
-        # overflowing; they are dropped by the triangle masks below. Rows/columns past the
-        # sequence end have k = q = 0, so they add nothing.
-        E = tl.exp(tl.minimum(b_G[:, None, :] - b_G[None, :, :], 0.0))
-        kE = b_k[None, :, :] * E
-        b_a += tl.sum(b_k[:, None, :] * kE, axis=2)
-        b_p += tl.sum(b_q[:, None, :] * kE, axis=2)
+        if DIAG == 0:
+            # Diagonal block: the exact per-pair ratio as one [BC, BC, BKS] form (no per-column
+            # loop, no row re-loads). min(., 0) keeps the unused upper pairs (G_i - G_j >= 0) from
+            # overflowing; they are dropped by the triangle masks below. Rows/columns past the
+            # sequence end have k = q = 0, so they add nothing.
+            E = tl.exp(tl.minimum(b_G[:, None, :] - b_G[None, :, :], 0.0))
+            kE = b_k[None, :, :] * E
+            b_a += tl.sum(b_k[:, None, :] * kE, axis=2)
+            b_p += tl.sum(b_q[:, None, :] * kE, axis=2)
+        if DIAG == 3:
+            # The left-block factorisation applied inside the diagonal block, recursively: at
+            # level S (S = BC, BC/2, ..., 2) the pairs (i, j) with i in the lower and j in the upper
+            # half of the same S-block go through the last row r of that upper half,
+            # exp(G_i - G_r) exp(G_r - G_j); both exponents are -|G_t - G_r(t)| <= 0, so one exp
+            # tile per level serves both sides. Every pair i > j lies in exactly one level; the
+            # pairs i = j (P only) need no exp. 4 tiles of BC x BKS exps instead of BC x BC x BKS.
+            b_pd += tl.sum(b_q * b_k, axis=1)
+            for lv in tl.static_range(0, 4):
+                if (BC >> lv) >= 2:
+                    d_a, d_p = _half_pairs(b_k, b_q, b_G, G, t0 + i_a * BC, eos, i_h * K, ck,
+                                           H, K, BC, BC >> lv, DOT_PREC)
+                    b_a += d_a
+                    b_p += d_p
+    if DIAG == 1 or DIAG == 2:
+        # Full-width tiles of the block's own rows (one more read of them, from L1/L2), then one
+        # [BC, BK] step per row (1) or column (2): per-pair exps as in DIAG 0, but on 2D tiles
+        # whose K reductions stay inside a warp. Loaded rows past the sequence end are zero.
+        cf = tl.arange(0, BK)
+        mf = valid[:, None] & (cf[None, :] < K)
+        offf = (t0 + ra)[:, None] * (H * K) + i_h * K + cf[None, :]
+        f_k = tl.load(k + offf, mask=mf, other=0.0).to(tl.float32)
+        f_G = tl.load(G + offf, mask=mf, other=0.0)
+        if DIAG == 1:
+            # row i against the block's columns j (tile rows); accumulated transposed, [j, i], so
+            # each step's result needs no layout change (one transpose at the end)
+            b_at = tl.zeros([BC, BC], dtype=tl.float32)
+            b_pt = tl.zeros([BC, BC], dtype=tl.float32)
+            for i in range(0, BC):
+                ti = t0 + i_a * BC + i
+                mi = (cf < K) & ((ti + cf * 0) < eos)
+                k_i = tl.load(k + ti * (H * K) + i_h * K + cf, mask=mi, other=0.0).to(tl.float32)
+                q_i = tl.load(q + ti * (H * K) + i_h * K + cf, mask=mi, other=0.0).to(tl.float32)
+                G_i = tl.load(G + ti * (H * K) + i_h * K + cf, mask=mi, other=0.0)
+                kE = f_k * tl.exp(tl.minimum(G_i[None, :] - f_G, 0.0))
+                sel = c16[None, :] == i
+                b_at += tl.where(sel, tl.sum(kE * k_i[None, :], axis=1)[:, None], 0.0)
+                b_pt += tl.where(sel, tl.sum(kE * q_i[None, :], axis=1)[:, None], 0.0)
+            b_a = tl.trans(b_at)
+            b_p = tl.trans(b_pt)
+        else:
+            # column j against the block's rows i (tile rows), the form of the earlier kernel
+            f_q = tl.load(q + offf, mask=mf, other=0.0).to(tl.float32)
+            for j in range(0, BC):
+                tj = t0 + i_a * BC + j
+                mj = (cf < K) & ((tj + cf * 0) < eos)
+                k_j = tl.load(k + tj * (H * K) + i_h * K + cf, mask=mj, other=0.0).to(tl.float32)
+                G_j = tl.load(G + tj * (H * K) + i_h * K + cf, mask=mj, other=0.0)
+                kE = k_j[None, :] * tl.exp(tl.minimum(f_G - G_j[None, :], 0.0))
+                sel = c16[None, :] == j
+                b_a += tl.where(sel, tl.sum(f_k * kE, axis=1)[:, None], 0.0)
+                b_p += tl.where(sel, tl.sum(f_q * kE, axis=1)[:, None], 0.0)
+    if DIAG == 3:
+        b_p += tl.where(c16[:, None] == c16[None, :], b_pd[:, None], 0.0)
     b_a = tl.where(c16[:, None] > c16[None, :], b_a, 0.0)
     b_p = tl.where(lower, b_p, 0.0)
     ml = valid[:, None] & (cols[None, :] < i_a * BC)
@@ -478,11 +559,22 @@ def state_options(V, NH, dev):
 
 
 def intra_options(BK, K):
-    """(BKS, NK, num_warps, num_stages) for the small per-sub-chunk kernel."""
-    # the diagonal block's [BC, BC, BKS] pair form holds BC * BC * BKS / (32 * num_warps) fp32
-    # registers per thread: BKS = 16 at 4 warps is 32 (128 regs in all on sm_90, no spills)
-    return [dict(BKS=b, NK=triton.cdiv(K, b), num_warps=w, num_stages=st) for st in _stages()
-            for b, w in ((16, 4), (16, 8), (16, 2))]
+    """(DIAG, BKS, NK, BK, num_warps, num_stages) for the small per-sub-chunk kernel; DIAG is the
+    diagonal-block form (see chunk_intra_kernel). The interpreter runs the first option only; the
+    test of every DIAG calls the kernel with each."""
+    # DIAG 3 first: a quarter of DIAG 0's exps on the diagonal block and no [BC, BC, BKS] tensor
+    # (DIAG 0 holds BC * BC * BKS / (32 * num_warps) fp32 registers per thread for it: 32 at
+    # BKS = 16 and 4 warps, 128 registers in all on sm_90). H200 (Triton 3.6) time of DIAG 0:
+    # 2.62 ms at 32K tokens x 16 heads; scripts/sweep_delta_intra.py times every option.
+    return [dict(DIAG=d, BKS=b, NK=triton.cdiv(K, b), BK=BK, num_warps=w, num_stages=st)
+            for st in _stages() for d, b, w in ((3, 32, 4), (3, 16, 4), (2, 16, 4), (1, 16, 4),
+                                               (0, 16, 4), (0, 16, 8), (0, 16, 2))]
+
+
+def intra_sweep_options(BK, K):
+    """Every (DIAG, BKS, num_warps) the intra sweep times."""
+    return [dict(DIAG=d, BKS=b, NK=triton.cdiv(K, b), BK=BK, num_warps=w, num_stages=1)
+            for d in (0, 1, 2, 3) for b in (16, 32) for w in (2, 4, 8)]
 
 
 def prep_options(K, V):
