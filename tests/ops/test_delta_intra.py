@@ -79,13 +79,13 @@ def _case(decay, K=48, H=2, lens=(70, 45)):
 
 
 OPTIONS = [dict(DIAG=d, BKS=b, num_warps=4, num_stages=1)
-           for d, b in ((0, 16), (1, 16), (2, 16), (3, 16), (3, 32))]
+           for d, b in ((0, 16), (1, 16), (2, 16), (3, 16), (3, 32), (4, 16), (4, 32))]
 
 
 def test_intra_options_cover_every_diag():
     opts = cf.intra_options(128, 128)
-    assert {o["DIAG"] for o in opts} == {0, 1, 2, 3}
-    assert {o["DIAG"] for o in cf.intra_sweep_options(128, 128)} == {0, 1, 2, 3}
+    assert {o["DIAG"] for o in opts} == {0, 1, 2, 3, 4}
+    assert {o["DIAG"] for o in cf.intra_sweep_options(128, 128)} == {0, 1, 2, 3, 4}
 
 
 @pytest.mark.parametrize("opt", OPTIONS, ids=lambda o: f"DIAG{o['DIAG']}-BKS{o['BKS']}")

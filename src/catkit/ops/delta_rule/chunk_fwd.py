@@ -88,10 +88,29 @@ def _mm(a, b, OP_BF16: tl.constexpr, DOT_PREC: tl.constexpr):
 
 
 @triton.jit
+def _left_factors(k, G, b_G, m, left, r_ref, t0, hoff, ck, H: tl.constexpr, K: tl.constexpr,
+                  BT: tl.constexpr):
+    """chunk_intra's factors of the blocks left of the diagonal for key columns ck:
+    F = exp(G_i - G_r) on the block's rows (b_G, mask m), R = k_j exp(G_r - G_j) on the chunk's
+    columns j (zero from the block's first row on)."""
+    cols = tl.arange(0, BT)
+    ml = left[:, None] & (ck[None, :] < K)
+    offl = (t0 + cols)[:, None] * (H * K) + hoff + ck[None, :]
+    G_r = tl.load(G + r_ref * (H * K) + hoff + ck, mask=ck < K, other=0.0)
+    b_kl = tl.load(k + offl, mask=ml, other=0.0).to(tl.float32)
+    b_Gl = tl.load(G + offl, mask=ml, other=0.0)
+    F = tl.where(m, tl.exp(tl.where(m, b_G - G_r[None, :], 0.0)), 0.0)
+    R = tl.where(ml, b_kl * tl.exp(tl.where(ml, G_r[None, :] - b_Gl, 0.0)), 0.0)
+    return F, R
+
+
+@triton.jit
 def _half_pairs(b_k, b_q, b_G, G, tb, eos, hoff, ck, H: tl.constexpr, K: tl.constexpr,
                 BC: tl.constexpr, S: tl.constexpr, DOT_PREC: tl.constexpr):
     """One level of chunk_intra's DIAG 3: the A and P entries (i, j) of a BC-row block (first
-    token tb; key columns ck) with i in the lower and j in the upper half of the same S-block."""
+    token tb; key columns ck) with i in the lower and j in the upper half of the same S-block:
+    exp(G_i - G_j) = exp(G_i - G_r) exp(G_r - G_j) through the last row r of that upper half, both
+    exponents -|G_t - G_r(t)| <= 0, so one exp tile serves both sides."""
     c16 = tl.arange(0, BC)
     rr = tb + (c16 // S) * S + S // 2 - 1  # each row's reference: last row of its upper half
     G_rr = tl.load(G + rr[:, None] * (H * K) + hoff + ck[None, :],
@@ -121,7 +140,8 @@ def chunk_intra_kernel(q, k, G, A, P, Tm, chunk_indices, cu_seqlens,
     scripts/sweep_delta_intra.py times them): 0 the per-pair [BC, BC, BKS] form in the key loop,
     1 a row loop / 2 a column loop on full-width [BC, BK] tiles after the key loop (exact per-pair
     ratios, fewer registers, reductions along K inside a warp), 3 reference-row dots on the
-    halves of the block, recursively (a quarter of the exps, no per-pair tensors).
+    halves of the block, recursively (a quarter of the exps, no per-pair tensors), 4 the same
+    levels stacked into one product. 3 and 4 also transpose the left blocks' products.
     """
     i_t, i_h, i_a = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     t0, eos = _seq_bounds(chunk_indices, cu_seqlens, i_t, BT)
@@ -140,25 +160,33 @@ def chunk_intra_kernel(q, k, G, A, P, Tm, chunk_indices, cu_seqlens,
     lower = c16[:, None] >= c16[None, :]
     b_al = tl.zeros([BC, BT], dtype=tl.float32)
     b_pl = tl.zeros([BC, BT], dtype=tl.float32)
+    b_alT = tl.zeros([BT, BC], dtype=tl.float32)
+    b_plT = tl.zeros([BT, BC], dtype=tl.float32)
     b_a = tl.zeros([BC, BC], dtype=tl.float32)
     b_p = tl.zeros([BC, BC], dtype=tl.float32)
     b_pd = tl.zeros([BC], dtype=tl.float32)
+    c64 = tl.arange(0, 4 * BC)
+    b_a4 = tl.zeros([4 * BC, 4 * BC], dtype=tl.float32)
+    b_p4 = tl.zeros([4 * BC, 4 * BC], dtype=tl.float32)
     for i_k in range(0, NK):
         ck = i_k * BKS + tl.arange(0, BKS)
         m = valid[:, None] & (ck[None, :] < K)
-        ml = left[:, None] & (ck[None, :] < K)
         off = (t0 + ra)[:, None] * (H * K) + i_h * K + ck[None, :]
-        offl = (t0 + cols)[:, None] * (H * K) + i_h * K + ck[None, :]
         b_k = tl.load(k + off, mask=m, other=0.0).to(tl.float32)
         b_q = tl.load(q + off, mask=m, other=0.0).to(tl.float32)
         b_G = tl.load(G + off, mask=m, other=0.0)
-        G_r = tl.load(G + r_ref * (H * K) + i_h * K + ck, mask=ck < K, other=0.0)
-        b_kl = tl.load(k + offl, mask=ml, other=0.0).to(tl.float32)
-        b_Gl = tl.load(G + offl, mask=ml, other=0.0)
-        F = tl.where(m, tl.exp(tl.where(m, b_G - G_r[None, :], 0.0)), 0.0)
-        R = tl.where(ml, b_kl * tl.exp(tl.where(ml, G_r[None, :] - b_Gl, 0.0)), 0.0)
-        b_al += tl.dot(b_k * F, tl.trans(R), input_precision=DOT_PREC)
-        b_pl += tl.dot(b_q * F, tl.trans(R), input_precision=DOT_PREC)
+        if DIAG >= 3:
+            if i_a > 0:  # sub-chunk 0 has no blocks on its left
+                F, R = _left_factors(k, G, b_G, m, left, r_ref, t0, i_h * K, ck, H, K, BT)
+                # transposed, [BT, BKS] x [BKS, BC]: M = BT rows split over the warps, where the
+                # [BC, BT] form's M = 16 puts a whole copy of the tile (and accumulator) on
+                # every warp
+                b_alT += tl.dot(R, tl.trans(b_k * F), input_precision=DOT_PREC)
+                b_plT += tl.dot(R, tl.trans(b_q * F), input_precision=DOT_PREC)
+        else:
+            F, R = _left_factors(k, G, b_G, m, left, r_ref, t0, i_h * K, ck, H, K, BT)
+            b_al += tl.dot(b_k * F, tl.trans(R), input_precision=DOT_PREC)
+            b_pl += tl.dot(b_q * F, tl.trans(R), input_precision=DOT_PREC)
         if DIAG == 0:
             # Diagonal block: the exact per-pair ratio as one [BC, BC, BKS] form (no per-column
             # loop, no row re-loads). min(., 0) keeps the unused upper pairs (G_i - G_j >= 0) from
@@ -168,20 +196,51 @@ def chunk_intra_kernel(q, k, G, A, P, Tm, chunk_indices, cu_seqlens,
             kE = b_k[None, :, :] * E
             b_a += tl.sum(b_k[:, None, :] * kE, axis=2)
             b_p += tl.sum(b_q[:, None, :] * kE, axis=2)
+        if DIAG >= 3:
+            # P's diagonal needs no exp
+            b_pd += tl.sum(b_q * b_k, axis=1)
         if DIAG == 3:
             # The left-block factorisation applied inside the diagonal block, recursively: at
-            # level S (S = BC, BC/2, ..., 2) the pairs (i, j) with i in the lower and j in the upper
-            # half of the same S-block go through the last row r of that upper half,
-            # exp(G_i - G_r) exp(G_r - G_j); both exponents are -|G_t - G_r(t)| <= 0, so one exp
-            # tile per level serves both sides. Every pair i > j lies in exactly one level; the
-            # pairs i = j (P only) need no exp. 4 tiles of BC x BKS exps instead of BC x BC x BKS.
-            b_pd += tl.sum(b_q * b_k, axis=1)
+            # level S = BC, BC/2, ..., 2 the pairs with i in the lower and j in the upper half of
+            # the same S-block (_half_pairs). Every pair i > j lies in exactly one level: 4 tiles
+            # of BC x BKS exps instead of BC x BC x BKS.
             for lv in tl.static_range(0, 4):
                 if (BC >> lv) >= 2:
                     d_a, d_p = _half_pairs(b_k, b_q, b_G, G, t0 + i_a * BC, eos, i_h * K, ck,
                                            H, K, BC, BC >> lv, DOT_PREC)
                     b_a += d_a
                     b_p += d_p
+        if DIAG == 4:
+            # DIAG 3's levels stacked into one [4 BC, BKS] tile (row lv * BC + i: row i at level
+            # S = BC >> lv), so that one [4 BC, 4 BC] product per key block runs on all warps
+            # instead of eight [BC, BC] ones replicated on each (Triton's mma layout for M = 16);
+            # its diagonal [BC, BC] blocks are the levels' products (the rest, 3/4 of it,
+            # including pairs of different S-blocks, is dropped after the loop).
+            tl.static_assert(BC == 16)
+            li = c64 % BC
+            S4 = BC >> (c64 // BC)
+            tr = t0 + i_a * BC + li
+            rr = t0 + i_a * BC + (li // S4) * S4 + S4 // 2 - 1
+            m4 = (tr < eos)[:, None] & (ck[None, :] < K)
+            off4 = tr[:, None] * (H * K) + i_h * K + ck[None, :]
+            k4 = tl.load(k + off4, mask=m4, other=0.0).to(tl.float32)
+            q4 = tl.load(q + off4, mask=m4, other=0.0).to(tl.float32)
+            G4 = tl.load(G + off4, mask=m4, other=0.0)
+            G_rr = tl.load(G + rr[:, None] * (H * K) + i_h * K + ck[None, :],
+                           mask=(rr < eos)[:, None] & (ck[None, :] < K), other=0.0)
+            E4 = tl.exp(-tl.abs(G4 - G_rr))
+            lo4 = ((li % S4) >= S4 // 2)[:, None]
+            kE4 = k4 * E4
+            rhs4 = tl.trans(tl.where(lo4, 0.0, kE4))
+            b_a4 += tl.dot(tl.where(lo4, kE4, 0.0), rhs4, input_precision=DOT_PREC)
+            b_p4 += tl.dot(tl.where(lo4, q4 * E4, 0.0), rhs4, input_precision=DOT_PREC)
+    if DIAG == 4:
+        li = c64 % BC
+        S4 = BC >> (c64 // BC)
+        keep = ((c64[:, None] // BC) == (c64[None, :] // BC)) & \
+            ((li[:, None] // S4[:, None]) == (li[None, :] // S4[:, None]))
+        b_a = tl.sum(tl.sum(tl.reshape(tl.where(keep, b_a4, 0.0), [4, BC, 4, BC]), axis=2), axis=0)
+        b_p = tl.sum(tl.sum(tl.reshape(tl.where(keep, b_p4, 0.0), [4, BC, 4, BC]), axis=2), axis=0)
     if DIAG == 1 or DIAG == 2:
         # Full-width tiles of the block's own rows (one more read of them, from L1/L2), then one
         # [BC, BK] step per row (1) or column (2): per-pair exps as in DIAG 0, but on 2D tiles
@@ -220,8 +279,10 @@ def chunk_intra_kernel(q, k, G, A, P, Tm, chunk_indices, cu_seqlens,
                 sel = c16[None, :] == j
                 b_a += tl.where(sel, tl.sum(f_k * kE, axis=1)[:, None], 0.0)
                 b_p += tl.where(sel, tl.sum(f_q * kE, axis=1)[:, None], 0.0)
-    if DIAG == 3:
+    if DIAG >= 3:
         b_p += tl.where(c16[:, None] == c16[None, :], b_pd[:, None], 0.0)
+        b_al = tl.trans(b_alT)
+        b_pl = tl.trans(b_plT)
     b_a = tl.where(c16[:, None] > c16[None, :], b_a, 0.0)
     b_p = tl.where(lower, b_p, 0.0)
     ml = valid[:, None] & (cols[None, :] < i_a * BC)
@@ -560,21 +621,23 @@ def state_options(V, NH, dev):
 
 def intra_options(BK, K):
     """(DIAG, BKS, NK, BK, num_warps, num_stages) for the small per-sub-chunk kernel; DIAG is the
-    diagonal-block form (see chunk_intra_kernel). The interpreter runs the first option only; the
-    test of every DIAG calls the kernel with each."""
-    # DIAG 3 first: a quarter of DIAG 0's exps on the diagonal block and no [BC, BC, BKS] tensor
-    # (DIAG 0 holds BC * BC * BKS / (32 * num_warps) fp32 registers per thread for it: 32 at
-    # BKS = 16 and 4 warps, 128 registers in all on sm_90). H200 (Triton 3.6) time of DIAG 0:
-    # 2.62 ms at 32K tokens x 16 heads; scripts/sweep_delta_intra.py times every option.
+    diagonal-block form (see chunk_intra_kernel). The interpreter runs the first option only;
+    tests/ops/test_delta_intra.py runs every DIAG."""
+    # DIAG 4 first: sm_90a estimates (Triton 3.6 and 3.9, bf16, K = 128, 4 warps) of its dynamic
+    # instructions per program are 18K warp instructions against 42K for DIAG 0 (the per-pair
+    # 3D form, 2.62 ms on an H200 at 32K tokens x 16 heads), 166 registers, no spills: a quarter
+    # of the exps, the block's products on one warpgroup product instead of replicated [16, 16]
+    # ones, no [BC, BC, BKS] tensor. Not yet timed on a GPU: scripts/sweep_delta_intra.py times
+    # every option; put its BEST_INTRA_OPTION first. DIAG 0 (GPU-verified) stays as a fallback.
     return [dict(DIAG=d, BKS=b, NK=triton.cdiv(K, b), BK=BK, num_warps=w, num_stages=st)
-            for st in _stages() for d, b, w in ((3, 32, 4), (3, 16, 4), (2, 16, 4), (1, 16, 4),
-                                               (0, 16, 4), (0, 16, 8), (0, 16, 2))]
+            for st in _stages() for d, b, w in ((4, 16, 4), (4, 32, 4), (3, 16, 4), (2, 16, 4),
+                                               (1, 16, 4), (0, 16, 4), (0, 16, 8), (0, 16, 2))]
 
 
 def intra_sweep_options(BK, K):
     """Every (DIAG, BKS, num_warps) the intra sweep times."""
     return [dict(DIAG=d, BKS=b, NK=triton.cdiv(K, b), BK=BK, num_warps=w, num_stages=1)
-            for d in (0, 1, 2, 3) for b in (16, 32) for w in (2, 4, 8)]
+            for d in (0, 1, 2, 3, 4) for b in (16, 32) for w in (2, 4, 8)]
 
 
 def prep_options(K, V):
