@@ -4,14 +4,16 @@ Usage (GPU): PYTHONPATH=src python3 scripts/sweep_delta_intra.py OUT_DIR
       (CPU):  PYTHONPATH=src SMALL=1 python3 scripts/sweep_delta_intra.py OUT_DIR   (or --small;
               runs under TRITON_INTERPRET=1 with tiny shapes, wall-clock times)
 
-For every option of ``chunk_fwd.intra_sweep_options`` (DIAG 0-3 x BKS 16/32 x 2/4/8 warps):
+For the baseline (DIAG 0, BKS 16, 4 warps, tl.exp: the kernel before DIAG / FAST_EXP existed)
+and every option of ``chunk_fwd.intra_sweep_options`` (DIAG 0-4 x BKS 16/32 x 2/4/8 warps,
+FAST_EXP on the GPU):
   * correctness: bf16 inputs on packed odd-length sequences (300, 77, 1000 tokens; H = 4,
     K = 128), mild and x30 decay, A / P / diagonal inverses against an fp64 PyTorch reference;
-    fp32 inputs (ieee products) once per DIAG, at its first (BKS, warps);
+    fp32 inputs (ieee products) once per (DIAG, FAST_EXP), at its first (BKS, warps);
   * time: chunk_intra alone (triton.testing.do_bench median) at B*T = 32K tokens (T = 2048, B = 16
     and T = 32768, B = 1), H = 16, K = V = 128, bf16 q/k, G from chunk_cumsum_kernel (as chunk_fwd
-    prepares it), A / P / Tm allocated as chunk_fwd does; its A, P, Tm are compared with DIAG 0's
-    default option on the same inputs (the GPU-verified form);
+    prepares it), A / P / Tm allocated as chunk_fwd does; its A, P, Tm are compared with the
+    baseline's on the same inputs (the GPU-verified form);
   * registers and spills of the compiled kernel.
 One line per option, then ``BEST_INTRA_OPTION=`` the fastest correct option (sum of the two
 shapes' times) as a python literal: it belongs first in ``intra_options`` (chunk_fwd.py).
@@ -138,7 +140,10 @@ def main():
     if out_dir is None:
         sys.exit(__doc__)
     t_start = time.time()
-    opts = cf.intra_sweep_options(BK, K)
+    # first the kernel as it was before DIAG / FAST_EXP (the per-pair form, tl.exp): the baseline
+    base = dict(DIAG=0, BKS=16, NK=triton.cdiv(K, 16), BK=BK, FAST_EXP=False, num_warps=4,
+                num_stages=1)
+    opts = [base] + [o for o in cf.intra_sweep_options(BK, K) if o != base]
     if SMALL:  # the interpreter ignores num_warps
         opts = [o for o in opts if o["num_warps"] == 4]
     checks = {}
@@ -149,8 +154,7 @@ def main():
     timing = {}
     for T, B in SHAPES:
         q, k, g, cu, meta = inputs([T] * B, H, torch.bfloat16, seed=2)
-        d0 = dict(DIAG=0, BKS=16, NK=triton.cdiv(K, 16), BK=BK, num_warps=4, num_stages=1)
-        A, P, Tm, _, _ = run_intra(q, k, g, meta, d0)
+        A, P, Tm, _, _ = run_intra(q, k, g, meta, base)
         written = {n: torch.isfinite(x) for n, x in (("A", A), ("P", P), ("Tm", Tm))}
         timing[T, B] = (q, k, g, meta, dict(A=A.double(), P=P.double(), Tm=Tm.double()), written)
     print(f"sweep_delta_intra on {torch.cuda.get_device_name() if DEV == 'cuda' else 'CPU (interpreter)'}, "
@@ -161,13 +165,13 @@ def main():
         try:
             err = 0.0
             for (dtype, decay), (q, k, g, meta, ref, mask) in checks.items():
-                if dtype == torch.float32 and opt["DIAG"] in fp32_done:
+                if dtype == torch.float32 and (opt["DIAG"], opt["FAST_EXP"]) in fp32_done:
                     continue
                 A, P, Tm, _, kern = run_intra(q, k, g, meta, opt)
                 e = errors((A, P, Tm), ref, mask)
                 row[f"err_{str(dtype).split('.')[-1]}"] = max(row.get(f"err_{str(dtype).split('.')[-1]}", 0.0), e)
                 err = max(err, e / BOUND[dtype])
-            fp32_done.add(opt["DIAG"])
+            fp32_done.add((opt["DIAG"], opt["FAST_EXP"]))
             row["ms"] = {}
             for (T, B), (q, k, g, meta, ref, mask) in timing.items():
                 A, P, Tm, launch, kern = run_intra(q, k, g, meta, opt)
@@ -183,7 +187,8 @@ def main():
             row["ok"] = False
         rows.append(row)
         ms = " ".join(f"{n}={v:.3f}ms" for n, v in row.get("ms", {}).items())
-        print(f"DIAG={opt['DIAG']} BKS={opt['BKS']:2d} warps={opt['num_warps']} {ms} "
+        print(f"DIAG={opt['DIAG']} BKS={opt['BKS']:2d} warps={opt['num_warps']} "
+              f"fast_exp={int(opt['FAST_EXP'])} {ms} "
               f"regs={row.get('n_regs')} spills={row.get('n_spills')} "
               f"err_bf16={row.get('err_bfloat16', float('nan')):.1e} "
               f"err_fp32={row.get('err_float32', float('nan')):.1e} "
@@ -199,8 +204,9 @@ def main():
         if good:
             r = min(good, key=lambda r: r["ms"][f"T{T}"])
             print(f"fastest at T={T} B={B}: DIAG={r['DIAG']} BKS={r['BKS']} warps={r['num_warps']} "
-                  f"{r['ms'][f'T{T}']:.3f} ms")
-    keys = ("DIAG", "BKS", "NK", "BK", "num_warps", "num_stages")
+                  f"fast_exp={int(r['FAST_EXP'])} {r['ms'][f'T{T}']:.3f} ms (baseline "
+                  f"{rows[0].get('ms', {}).get(f'T{T}', float('nan')):.3f} ms)")
+    keys = ("DIAG", "BKS", "NK", "BK", "FAST_EXP", "num_warps", "num_stages")
     print("BEST_INTRA_OPTION=" + (repr({n: best[n] for n in keys}) if best else "None"))
     print(f"sweep_delta_intra: {len(good)}/{len(rows)} options correct, {time.time() - t_start:.1f}s", flush=True)
 

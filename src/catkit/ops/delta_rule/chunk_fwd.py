@@ -15,7 +15,8 @@ within-chunk cumulative log-decay G (fp32)::
 The decay ratio exp(G_i - G_j) is never split into exp(G_i) * exp(-G_j), whose second factor
 overflows fp32 for strong decay at C = 64. Between 16-row sub-chunks it is factored through the
 last row r of the earlier sub-chunk, exp(G_i - G_r) * exp(G_r - G_j), both exponents <= 0 (tensor-
-core products); inside a sub-chunk it is formed per pair. The inverses of the 16x16 diagonal
+core products); inside a sub-chunk it is formed per pair or through the same factorisation on
+halves of the block, recursively (chunk_intra's DIAG). The inverses of the 16x16 diagonal
 blocks of I + A come from chunk_intra (a product of four Neumann factors), and chunk_prep merges
 them into T with an exact block-Neumann step.
 
@@ -88,8 +89,21 @@ def _mm(a, b, OP_BF16: tl.constexpr, DOT_PREC: tl.constexpr):
 
 
 @triton.jit
+def _exp(x, FAST_EXP: tl.constexpr):
+    # FAST_EXP: ex2.approx.ftz, one MUFU instruction per element; tl.exp's ex2.approx.f32 (no ftz)
+    # makes ptxas add a range test and two multiplies for denormal results (products below 1e-38
+    # here, negligible): ~10% of chunk_intra's instructions (sm_90a estimate). PTX, so off under
+    # the CPU interpreter.
+    if FAST_EXP:
+        return tl.inline_asm_elementwise("ex2.approx.ftz.f32 $0, $1;", "=r,r", [x * 1.4426950408889634],
+                                         dtype=tl.float32, is_pure=True, pack=1)
+    else:
+        return tl.exp(x)
+
+
+@triton.jit
 def _left_factors(k, G, b_G, m, left, r_ref, t0, hoff, ck, H: tl.constexpr, K: tl.constexpr,
-                  BT: tl.constexpr):
+                  BT: tl.constexpr, FAST_EXP: tl.constexpr):
     """chunk_intra's factors of the blocks left of the diagonal for key columns ck:
     F = exp(G_i - G_r) on the block's rows (b_G, mask m), R = k_j exp(G_r - G_j) on the chunk's
     columns j (zero from the block's first row on)."""
@@ -99,14 +113,14 @@ def _left_factors(k, G, b_G, m, left, r_ref, t0, hoff, ck, H: tl.constexpr, K: t
     G_r = tl.load(G + r_ref * (H * K) + hoff + ck, mask=ck < K, other=0.0)
     b_kl = tl.load(k + offl, mask=ml, other=0.0).to(tl.float32)
     b_Gl = tl.load(G + offl, mask=ml, other=0.0)
-    F = tl.where(m, tl.exp(tl.where(m, b_G - G_r[None, :], 0.0)), 0.0)
-    R = tl.where(ml, b_kl * tl.exp(tl.where(ml, G_r[None, :] - b_Gl, 0.0)), 0.0)
+    F = tl.where(m, _exp(tl.where(m, b_G - G_r[None, :], 0.0), FAST_EXP), 0.0)
+    R = tl.where(ml, b_kl * _exp(tl.where(ml, G_r[None, :] - b_Gl, 0.0), FAST_EXP), 0.0)
     return F, R
 
 
 @triton.jit
 def _half_pairs(b_k, b_q, b_G, G, tb, eos, hoff, ck, H: tl.constexpr, K: tl.constexpr,
-                BC: tl.constexpr, S: tl.constexpr, DOT_PREC: tl.constexpr):
+                BC: tl.constexpr, S: tl.constexpr, DOT_PREC: tl.constexpr, FAST_EXP: tl.constexpr):
     """One level of chunk_intra's DIAG 3: the A and P entries (i, j) of a BC-row block (first
     token tb; key columns ck) with i in the lower and j in the upper half of the same S-block:
     exp(G_i - G_j) = exp(G_i - G_r) exp(G_r - G_j) through the last row r of that upper half, both
@@ -115,7 +129,7 @@ def _half_pairs(b_k, b_q, b_G, G, tb, eos, hoff, ck, H: tl.constexpr, K: tl.cons
     rr = tb + (c16 // S) * S + S // 2 - 1  # each row's reference: last row of its upper half
     G_rr = tl.load(G + rr[:, None] * (H * K) + hoff + ck[None, :],
                    mask=(rr < eos)[:, None] & (ck[None, :] < K), other=0.0)
-    E = tl.exp(-tl.abs(b_G - G_rr))
+    E = _exp(-tl.abs(b_G - G_rr), FAST_EXP)
     lo = ((c16 % S) >= S // 2)[:, None]
     kE = b_k * E
     rhs = tl.trans(tl.where(lo, 0.0, kE))
@@ -130,7 +144,8 @@ def _half_pairs(b_k, b_q, b_G, G, tb, eos, hoff, ck, H: tl.constexpr, K: tl.cons
 def chunk_intra_kernel(q, k, G, A, P, Tm, chunk_indices, cu_seqlens,
                        H: tl.constexpr, K: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr,
                        BKS: tl.constexpr, NK: tl.constexpr, DOT_PREC: tl.constexpr,
-                       INV_PREC: tl.constexpr, DIAG: tl.constexpr, BK: tl.constexpr):
+                       INV_PREC: tl.constexpr, DIAG: tl.constexpr, BK: tl.constexpr,
+                       FAST_EXP: tl.constexpr):
     """Rows of sub-chunk ``a`` (BC rows) of A = strict_lower(K D K^T) and P = lower(Q D K^T), and
     the inverse (I + A_aa)^-1 of the diagonal block, written into the diagonal block of ``Tm``.
 
@@ -177,14 +192,14 @@ def chunk_intra_kernel(q, k, G, A, P, Tm, chunk_indices, cu_seqlens,
         b_G = tl.load(G + off, mask=m, other=0.0)
         if DIAG >= 3:
             if i_a > 0:  # sub-chunk 0 has no blocks on its left
-                F, R = _left_factors(k, G, b_G, m, left, r_ref, t0, i_h * K, ck, H, K, BT)
+                F, R = _left_factors(k, G, b_G, m, left, r_ref, t0, i_h * K, ck, H, K, BT, FAST_EXP)
                 # transposed, [BT, BKS] x [BKS, BC]: M = BT rows split over the warps, where the
                 # [BC, BT] form's M = 16 puts a whole copy of the tile (and accumulator) on
                 # every warp
                 b_alT += tl.dot(R, tl.trans(b_k * F), input_precision=DOT_PREC)
                 b_plT += tl.dot(R, tl.trans(b_q * F), input_precision=DOT_PREC)
         else:
-            F, R = _left_factors(k, G, b_G, m, left, r_ref, t0, i_h * K, ck, H, K, BT)
+            F, R = _left_factors(k, G, b_G, m, left, r_ref, t0, i_h * K, ck, H, K, BT, FAST_EXP)
             b_al += tl.dot(b_k * F, tl.trans(R), input_precision=DOT_PREC)
             b_pl += tl.dot(b_q * F, tl.trans(R), input_precision=DOT_PREC)
         if DIAG == 0:
@@ -192,7 +207,7 @@ def chunk_intra_kernel(q, k, G, A, P, Tm, chunk_indices, cu_seqlens,
             # loop, no row re-loads). min(., 0) keeps the unused upper pairs (G_i - G_j >= 0) from
             # overflowing; they are dropped by the triangle masks below. Rows/columns past the
             # sequence end have k = q = 0, so they add nothing.
-            E = tl.exp(tl.minimum(b_G[:, None, :] - b_G[None, :, :], 0.0))
+            E = _exp(tl.minimum(b_G[:, None, :] - b_G[None, :, :], 0.0), FAST_EXP)
             kE = b_k[None, :, :] * E
             b_a += tl.sum(b_k[:, None, :] * kE, axis=2)
             b_p += tl.sum(b_q[:, None, :] * kE, axis=2)
@@ -207,7 +222,7 @@ def chunk_intra_kernel(q, k, G, A, P, Tm, chunk_indices, cu_seqlens,
             for lv in tl.static_range(0, 4):
                 if (BC >> lv) >= 2:
                     d_a, d_p = _half_pairs(b_k, b_q, b_G, G, t0 + i_a * BC, eos, i_h * K, ck,
-                                           H, K, BC, BC >> lv, DOT_PREC)
+                                           H, K, BC, BC >> lv, DOT_PREC, FAST_EXP)
                     b_a += d_a
                     b_p += d_p
         if DIAG == 4:
@@ -228,7 +243,7 @@ def chunk_intra_kernel(q, k, G, A, P, Tm, chunk_indices, cu_seqlens,
             G4 = tl.load(G + off4, mask=m4, other=0.0)
             G_rr = tl.load(G + rr[:, None] * (H * K) + i_h * K + ck[None, :],
                            mask=(rr < eos)[:, None] & (ck[None, :] < K), other=0.0)
-            E4 = tl.exp(-tl.abs(G4 - G_rr))
+            E4 = _exp(-tl.abs(G4 - G_rr), FAST_EXP)
             lo4 = ((li % S4) >= S4 // 2)[:, None]
             kE4 = k4 * E4
             rhs4 = tl.trans(tl.where(lo4, 0.0, kE4))
@@ -261,7 +276,7 @@ def chunk_intra_kernel(q, k, G, A, P, Tm, chunk_indices, cu_seqlens,
                 k_i = tl.load(k + ti * (H * K) + i_h * K + cf, mask=mi, other=0.0).to(tl.float32)
                 q_i = tl.load(q + ti * (H * K) + i_h * K + cf, mask=mi, other=0.0).to(tl.float32)
                 G_i = tl.load(G + ti * (H * K) + i_h * K + cf, mask=mi, other=0.0)
-                kE = f_k * tl.exp(tl.minimum(G_i[None, :] - f_G, 0.0))
+                kE = f_k * _exp(tl.minimum(G_i[None, :] - f_G, 0.0), FAST_EXP)
                 sel = c16[None, :] == i
                 b_at += tl.where(sel, tl.sum(kE * k_i[None, :], axis=1)[:, None], 0.0)
                 b_pt += tl.where(sel, tl.sum(kE * q_i[None, :], axis=1)[:, None], 0.0)
@@ -275,7 +290,7 @@ def chunk_intra_kernel(q, k, G, A, P, Tm, chunk_indices, cu_seqlens,
                 mj = (cf < K) & ((tj + cf * 0) < eos)
                 k_j = tl.load(k + tj * (H * K) + i_h * K + cf, mask=mj, other=0.0).to(tl.float32)
                 G_j = tl.load(G + tj * (H * K) + i_h * K + cf, mask=mj, other=0.0)
-                kE = k_j[None, :] * tl.exp(tl.minimum(f_G - G_j[None, :], 0.0))
+                kE = k_j[None, :] * _exp(tl.minimum(f_G - G_j[None, :], 0.0), FAST_EXP)
                 sel = c16[None, :] == j
                 b_a += tl.where(sel, tl.sum(f_k * kE, axis=1)[:, None], 0.0)
                 b_p += tl.where(sel, tl.sum(f_q * kE, axis=1)[:, None], 0.0)
@@ -623,20 +638,23 @@ def intra_options(BK, K):
     """(DIAG, BKS, NK, BK, num_warps, num_stages) for the small per-sub-chunk kernel; DIAG is the
     diagonal-block form (see chunk_intra_kernel). The interpreter runs the first option only;
     tests/ops/test_delta_intra.py runs every DIAG."""
-    # DIAG 4 first: sm_90a estimates (Triton 3.6 and 3.9, bf16, K = 128, 4 warps) of its dynamic
-    # instructions per program are 18K warp instructions against 42K for DIAG 0 (the per-pair
-    # 3D form, 2.62 ms on an H200 at 32K tokens x 16 heads), 166 registers, no spills: a quarter
-    # of the exps, the block's products on one warpgroup product instead of replicated [16, 16]
-    # ones, no [BC, BC, BKS] tensor. Not yet timed on a GPU: scripts/sweep_delta_intra.py times
-    # every option; put its BEST_INTRA_OPTION first. DIAG 0 (GPU-verified) stays as a fallback.
-    return [dict(DIAG=d, BKS=b, NK=triton.cdiv(K, b), BK=BK, num_warps=w, num_stages=st)
+    # DIAG 4 first: sm_90a estimates (Triton 3.6, bf16, K = 128, 4 warps; dynamic SASS counts) are
+    # 16K warp instructions per program against 42K for the earlier kernel (DIAG 0 with tl.exp:
+    # 2.62 ms on an H200 at 32K tokens x 16 heads), 166 registers, no spills: a quarter of the
+    # exps, one warpgroup product per key block for the diagonal block instead of [16, 16] ones
+    # replicated on every warp, no [BC, BC, BKS] tensor. Not yet timed on a GPU:
+    # scripts/sweep_delta_intra.py times every option; put its BEST_INTRA_OPTION first. Every
+    # option here compiles with Triton 3.6 for sm_90a (bf16 and fp32 signatures).
+    return [dict(DIAG=d, BKS=b, NK=triton.cdiv(K, b), BK=BK, FAST_EXP=not interpreted(),
+                 num_warps=w, num_stages=st)
             for st in _stages() for d, b, w in ((4, 16, 4), (4, 32, 4), (3, 16, 4), (2, 16, 4),
                                                (1, 16, 4), (0, 16, 4), (0, 16, 8), (0, 16, 2))]
 
 
 def intra_sweep_options(BK, K):
     """Every (DIAG, BKS, num_warps) the intra sweep times."""
-    return [dict(DIAG=d, BKS=b, NK=triton.cdiv(K, b), BK=BK, num_warps=w, num_stages=1)
+    return [dict(DIAG=d, BKS=b, NK=triton.cdiv(K, b), BK=BK, FAST_EXP=not interpreted(),
+                 num_warps=w, num_stages=1)
             for d in (0, 1, 2, 3, 4) for b in (16, 32) for w in (2, 4, 8)]
 
 
