@@ -1,15 +1,14 @@
-"""Time chunk_intra (delta-rule forward: A, P, diagonal-block inverses) per (DIAG, BKS, num_warps).
+"""Time chunk_intra (delta-rule forward: A, P, diagonal-block inverses) per (BKS, num_warps, FAST_EXP).
 
 Usage (GPU): PYTHONPATH=src python3 scripts/sweep_delta_intra.py OUT_DIR
       (CPU):  PYTHONPATH=src SMALL=1 python3 scripts/sweep_delta_intra.py OUT_DIR   (or --small;
               runs under TRITON_INTERPRET=1 with tiny shapes, wall-clock times)
 
-For the baseline (DIAG 0, BKS 16, 4 warps, tl.exp: the kernel before DIAG / FAST_EXP existed)
-and every option of ``chunk_fwd.intra_sweep_options`` (DIAG 0-4 x BKS 16/32 x 2/4/8 warps,
-FAST_EXP on the GPU):
+For every option of ``chunk_fwd.intra_sweep_options`` (BKS 16/32 x 2/4/8 warps x FAST_EXP on/off;
+the first is the baseline the others are compared with):
   * correctness: bf16 inputs on packed odd-length sequences (300, 77, 1000 tokens; H = 16,
     K = 128), mild and x30 decay, A / P / diagonal inverses against an fp64 PyTorch reference;
-    fp32 inputs (ieee products) once per (DIAG, FAST_EXP), at its first (BKS, warps);
+    fp32 inputs (ieee products) once per FAST_EXP, at its first (BKS, warps);
   * time: chunk_intra alone (triton.testing.do_bench median) at B*T = 32K tokens (T = 2048, B = 16
     and T = 32768, B = 1), H = 16, K = V = 128, bf16 q/k, G from chunk_cumsum_kernel (as chunk_fwd
     prepares it), A / P / Tm allocated as chunk_fwd does; its A, P, Tm are compared with the
@@ -141,10 +140,8 @@ def main():
     if out_dir is None:
         sys.exit(__doc__)
     t_start = time.time()
-    # first the kernel as it was before DIAG / FAST_EXP (the per-pair form, tl.exp): the baseline
-    base = dict(DIAG=0, BKS=16, NK=triton.cdiv(K, 16), BK=BK, FAST_EXP=False, num_warps=4,
-                num_stages=1)
-    opts = [base] + [o for o in cf.intra_sweep_options(BK, K) if o != base]
+    opts = cf.intra_sweep_options(BK, K)
+    base = opts[0]
     if SMALL:  # the interpreter ignores num_warps
         opts = [o for o in opts if o["num_warps"] == 4]
     checks = {}
@@ -166,18 +163,18 @@ def main():
         try:
             err = 0.0
             for (dtype, decay), (q, k, g, meta, ref, mask) in checks.items():
-                if dtype == torch.float32 and (opt["DIAG"], opt["FAST_EXP"]) in fp32_done:
+                if dtype == torch.float32 and opt["FAST_EXP"] in fp32_done:
                     continue
                 A, P, Tm, _, kern = run_intra(q, k, g, meta, opt)
                 e = errors((A, P, Tm), ref, mask)
                 row[f"err_{str(dtype).split('.')[-1]}"] = max(row.get(f"err_{str(dtype).split('.')[-1]}", 0.0), e)
                 err = max(err, e / BOUND[dtype])
-            fp32_done.add((opt["DIAG"], opt["FAST_EXP"]))
+            fp32_done.add(opt["FAST_EXP"])
             row["ms"] = {}
             for (T, B), (q, k, g, meta, ref, mask) in timing.items():
                 A, P, Tm, launch, kern = run_intra(q, k, g, meta, opt)
                 e = errors((A, P, Tm), ref, mask)
-                row[f"err_vs_diag0_T{T}"] = e
+                row[f"err_vs_first_T{T}"] = e
                 err = max(err, e / BOUND[torch.bfloat16])
                 row["ms"][f"T{T}"] = bench(launch)
             row.update(n_regs=getattr(kern, "n_regs", None), n_spills=getattr(kern, "n_spills", None))
@@ -188,7 +185,7 @@ def main():
             row["ok"] = False
         rows.append(row)
         ms = " ".join(f"{n}={v:.3f}ms" for n, v in row.get("ms", {}).items())
-        print(f"DIAG={opt['DIAG']} BKS={opt['BKS']:2d} warps={opt['num_warps']} "
+        print(f"BKS={opt['BKS']:2d} warps={opt['num_warps']} "
               f"fast_exp={int(opt['FAST_EXP'])} {ms} "
               f"regs={row.get('n_regs')} spills={row.get('n_spills')} "
               f"err_bf16={row.get('err_bfloat16', float('nan')):.1e} "
@@ -204,10 +201,10 @@ def main():
     for T, B in SHAPES:
         if good:
             r = min(good, key=lambda r: r["ms"][f"T{T}"])
-            print(f"fastest at T={T} B={B}: DIAG={r['DIAG']} BKS={r['BKS']} warps={r['num_warps']} "
+            print(f"fastest at T={T} B={B}: BKS={r['BKS']} warps={r['num_warps']} "
                   f"fast_exp={int(r['FAST_EXP'])} {r['ms'][f'T{T}']:.3f} ms (baseline "
                   f"{rows[0].get('ms', {}).get(f'T{T}', float('nan')):.3f} ms)")
-    keys = ("DIAG", "BKS", "NK", "BK", "FAST_EXP", "num_warps", "num_stages")
+    keys = ("BKS", "NK", "FAST_EXP", "num_warps", "num_stages")
     print("BEST_INTRA_OPTION=" + (repr({n: best[n] for n in keys}) if best else "None"))
     print(f"sweep_delta_intra: {len(good)}/{len(rows)} options correct, {time.time() - t_start:.1f}s", flush=True)
 

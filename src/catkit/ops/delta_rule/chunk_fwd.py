@@ -15,8 +15,8 @@ within-chunk cumulative log-decay G (fp32)::
 The decay ratio exp(G_i - G_j) is never split into exp(G_i) * exp(-G_j), whose second factor
 overflows fp32 for strong decay at C = 64. Between 16-row sub-chunks it is factored through the
 last row r of the earlier sub-chunk, exp(G_i - G_r) * exp(G_r - G_j), both exponents <= 0 (tensor-
-core products); inside a sub-chunk it is formed per pair or through the same factorisation on
-halves of the block, recursively (chunk_intra's DIAG). The inverses of the 16x16 diagonal
+core products); inside a sub-chunk, through the same factorisation on halves of the block,
+recursively (chunk_intra). The inverses of the 16x16 diagonal
 blocks of I + A come from chunk_intra (a product of four Neumann factors), and chunk_prep merges
 them into T with an exact block-Neumann step.
 
@@ -121,7 +121,7 @@ def _left_factors(k, G, b_G, m, left, r_ref, t0, hoff, ck, H: tl.constexpr, K: t
 @triton.jit
 def _half_pairs(b_k, b_q, b_G, G, tb, eos, hoff, ck, H: tl.constexpr, K: tl.constexpr,
                 BC: tl.constexpr, S: tl.constexpr, DOT_PREC: tl.constexpr, FAST_EXP: tl.constexpr):
-    """One level of chunk_intra's DIAG 3: the A and P entries (i, j) of a BC-row block (first
+    """One level of chunk_intra's diagonal block: the A and P entries (i, j) of a BC-row block (first
     token tb; key columns ck) with i in the lower and j in the upper half of the same S-block:
     exp(G_i - G_j) = exp(G_i - G_r) exp(G_r - G_j) through the last row r of that upper half, both
     exponents -|G_t - G_r(t)| <= 0, so one exp tile serves both sides."""
@@ -144,19 +144,17 @@ def _half_pairs(b_k, b_q, b_G, G, tb, eos, hoff, ck, H: tl.constexpr, K: tl.cons
 def chunk_intra_kernel(q, k, G, A, P, Tm, chunk_indices, cu_seqlens,
                        H: tl.constexpr, K: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr,
                        BKS: tl.constexpr, NK: tl.constexpr, DOT_PREC: tl.constexpr,
-                       INV_PREC: tl.constexpr, DIAG: tl.constexpr, BK: tl.constexpr,
-                       FAST_EXP: tl.constexpr):
+                       INV_PREC: tl.constexpr, FAST_EXP: tl.constexpr):
     """Rows of sub-chunk ``a`` (BC rows) of A = strict_lower(K D K^T) and P = lower(Q D K^T), and
     the inverse (I + A_aa)^-1 of the diagonal block, written into the diagonal block of ``Tm``.
 
     One small program per (chunk, head, sub-chunk); it reads its own rows once per key block and
     the rows left of it once (bytes per program ~ (3 BC + 2 a BC) K words in, (2 a + 3) BC^2 out).
-    ``DIAG`` picks how the diagonal block is formed (all give the same A and P; the sweep
-    scripts/sweep_delta_intra.py times them): 0 the per-pair [BC, BC, BKS] form in the key loop,
-    1 a row loop / 2 a column loop on full-width [BC, BK] tiles after the key loop (exact per-pair
-    ratios, fewer registers, reductions along K inside a warp), 3 reference-row dots on the
-    halves of the block, recursively (a quarter of the exps, no per-pair tensors), 4 the same
-    levels stacked into one product. 3 and 4 also transpose the left blocks' products.
+    The diagonal block goes through reference-row dots on the halves of the block, recursively
+    (_half_pairs): a quarter of the exps of per-pair ratios and no [BC, BC, BKS] tensor. On an
+    H200 (Triton 3.6, 32K tokens x 16 heads, bf16) this form took 1.22 ms against 2.61 ms for the
+    per-pair form and 1.47-1.6 ms for row / column loops on full-width tiles
+    (benchmarks/results/delta_rule-kernels-NVIDIA_H200/sweep-intra.json).
     """
     i_t, i_h, i_a = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     t0, eos = _seq_bounds(chunk_indices, cu_seqlens, i_t, BT)
@@ -169,20 +167,15 @@ def chunk_intra_kernel(q, k, G, A, P, Tm, chunk_indices, cu_seqlens,
     # r the row just before this block, so both exponents are <= 0 for every i in the block and
     # every j < r + 1: no factor can overflow however strong the decay (a factor that underflows
     # stands for a product that is smaller still), and the products run on tensor cores as one
-    # [BC, BKS] x [BKS, BT] dot per key block (columns >= a*BC are masked to zero).
+    # [BT, BKS] x [BKS, BC] dot per key block (columns >= a*BC are masked to zero).
     left = (cols < i_a * BC) & ((t0 + cols) < eos)
     r_ref = tl.minimum(tl.maximum(t0 + i_a * BC - 1, t0), eos - 1)
     lower = c16[:, None] >= c16[None, :]
-    b_al = tl.zeros([BC, BT], dtype=tl.float32)
-    b_pl = tl.zeros([BC, BT], dtype=tl.float32)
     b_alT = tl.zeros([BT, BC], dtype=tl.float32)
     b_plT = tl.zeros([BT, BC], dtype=tl.float32)
     b_a = tl.zeros([BC, BC], dtype=tl.float32)
     b_p = tl.zeros([BC, BC], dtype=tl.float32)
     b_pd = tl.zeros([BC], dtype=tl.float32)
-    c64 = tl.arange(0, 4 * BC)
-    b_a4 = tl.zeros([4 * BC, 4 * BC], dtype=tl.float32)
-    b_p4 = tl.zeros([4 * BC, 4 * BC], dtype=tl.float32)
     for i_k in range(0, NK):
         ck = i_k * BKS + tl.arange(0, BKS)
         m = valid[:, None] & (ck[None, :] < K)
@@ -190,114 +183,27 @@ def chunk_intra_kernel(q, k, G, A, P, Tm, chunk_indices, cu_seqlens,
         b_k = tl.load(k + off, mask=m, other=0.0).to(tl.float32)
         b_q = tl.load(q + off, mask=m, other=0.0).to(tl.float32)
         b_G = tl.load(G + off, mask=m, other=0.0)
-        if DIAG >= 3:
-            if i_a > 0:  # sub-chunk 0 has no blocks on its left
-                F, R = _left_factors(k, G, b_G, m, left, r_ref, t0, i_h * K, ck, H, K, BT, FAST_EXP)
-                # transposed, [BT, BKS] x [BKS, BC]: M = BT rows split over the warps, where the
-                # [BC, BT] form's M = 16 puts a whole copy of the tile (and accumulator) on
-                # every warp
-                b_alT += tl.dot(R, tl.trans(b_k * F), input_precision=DOT_PREC)
-                b_plT += tl.dot(R, tl.trans(b_q * F), input_precision=DOT_PREC)
-        else:
+        if i_a > 0:  # sub-chunk 0 has no blocks on its left
             F, R = _left_factors(k, G, b_G, m, left, r_ref, t0, i_h * K, ck, H, K, BT, FAST_EXP)
-            b_al += tl.dot(b_k * F, tl.trans(R), input_precision=DOT_PREC)
-            b_pl += tl.dot(b_q * F, tl.trans(R), input_precision=DOT_PREC)
-        if DIAG == 0:
-            # Diagonal block: the exact per-pair ratio as one [BC, BC, BKS] form (no per-column
-            # loop, no row re-loads). min(., 0) keeps the unused upper pairs (G_i - G_j >= 0) from
-            # overflowing; they are dropped by the triangle masks below. Rows/columns past the
-            # sequence end have k = q = 0, so they add nothing.
-            E = _exp(tl.minimum(b_G[:, None, :] - b_G[None, :, :], 0.0), FAST_EXP)
-            kE = b_k[None, :, :] * E
-            b_a += tl.sum(b_k[:, None, :] * kE, axis=2)
-            b_p += tl.sum(b_q[:, None, :] * kE, axis=2)
-        if DIAG >= 3:
-            # P's diagonal needs no exp
-            b_pd += tl.sum(b_q * b_k, axis=1)
-        if DIAG == 3:
-            # The left-block factorisation applied inside the diagonal block, recursively: at
-            # level S = BC, BC/2, ..., 2 the pairs with i in the lower and j in the upper half of
-            # the same S-block (_half_pairs). Every pair i > j lies in exactly one level: 4 tiles
-            # of BC x BKS exps instead of BC x BC x BKS.
-            for lv in tl.static_range(0, 4):
-                if (BC >> lv) >= 2:
-                    d_a, d_p = _half_pairs(b_k, b_q, b_G, G, t0 + i_a * BC, eos, i_h * K, ck,
-                                           H, K, BC, BC >> lv, DOT_PREC, FAST_EXP)
-                    b_a += d_a
-                    b_p += d_p
-        if DIAG == 4:
-            # DIAG 3's levels stacked into one [4 BC, BKS] tile (row lv * BC + i: row i at level
-            # S = BC >> lv), so that one [4 BC, 4 BC] product per key block runs on all warps
-            # instead of eight [BC, BC] ones replicated on each (Triton's mma layout for M = 16);
-            # its diagonal [BC, BC] blocks are the levels' products (the rest, 3/4 of it,
-            # including pairs of different S-blocks, is dropped after the loop).
-            tl.static_assert(BC == 16)
-            li = c64 % BC
-            S4 = BC >> (c64 // BC)
-            tr = t0 + i_a * BC + li
-            rr = t0 + i_a * BC + (li // S4) * S4 + S4 // 2 - 1
-            m4 = (tr < eos)[:, None] & (ck[None, :] < K)
-            off4 = tr[:, None] * (H * K) + i_h * K + ck[None, :]
-            k4 = tl.load(k + off4, mask=m4, other=0.0).to(tl.float32)
-            q4 = tl.load(q + off4, mask=m4, other=0.0).to(tl.float32)
-            G4 = tl.load(G + off4, mask=m4, other=0.0)
-            G_rr = tl.load(G + rr[:, None] * (H * K) + i_h * K + ck[None, :],
-                           mask=(rr < eos)[:, None] & (ck[None, :] < K), other=0.0)
-            E4 = _exp(-tl.abs(G4 - G_rr), FAST_EXP)
-            lo4 = ((li % S4) >= S4 // 2)[:, None]
-            kE4 = k4 * E4
-            rhs4 = tl.trans(tl.where(lo4, 0.0, kE4))
-            b_a4 += tl.dot(tl.where(lo4, kE4, 0.0), rhs4, input_precision=DOT_PREC)
-            b_p4 += tl.dot(tl.where(lo4, q4 * E4, 0.0), rhs4, input_precision=DOT_PREC)
-    if DIAG == 4:
-        li = c64 % BC
-        S4 = BC >> (c64 // BC)
-        keep = ((c64[:, None] // BC) == (c64[None, :] // BC)) & \
-            ((li[:, None] // S4[:, None]) == (li[None, :] // S4[:, None]))
-        b_a = tl.sum(tl.sum(tl.reshape(tl.where(keep, b_a4, 0.0), [4, BC, 4, BC]), axis=2), axis=0)
-        b_p = tl.sum(tl.sum(tl.reshape(tl.where(keep, b_p4, 0.0), [4, BC, 4, BC]), axis=2), axis=0)
-    if DIAG == 1 or DIAG == 2:
-        # Full-width tiles of the block's own rows (one more read of them, from L1/L2), then one
-        # [BC, BK] step per row (1) or column (2): per-pair exps as in DIAG 0, but on 2D tiles
-        # whose K reductions stay inside a warp. Loaded rows past the sequence end are zero.
-        cf = tl.arange(0, BK)
-        mf = valid[:, None] & (cf[None, :] < K)
-        offf = (t0 + ra)[:, None] * (H * K) + i_h * K + cf[None, :]
-        f_k = tl.load(k + offf, mask=mf, other=0.0).to(tl.float32)
-        f_G = tl.load(G + offf, mask=mf, other=0.0)
-        if DIAG == 1:
-            # row i against the block's columns j (tile rows); accumulated transposed, [j, i], so
-            # each step's result needs no layout change (one transpose at the end)
-            b_at = tl.zeros([BC, BC], dtype=tl.float32)
-            b_pt = tl.zeros([BC, BC], dtype=tl.float32)
-            for i in range(0, BC):
-                ti = t0 + i_a * BC + i
-                mi = (cf < K) & ((ti + cf * 0) < eos)
-                k_i = tl.load(k + ti * (H * K) + i_h * K + cf, mask=mi, other=0.0).to(tl.float32)
-                q_i = tl.load(q + ti * (H * K) + i_h * K + cf, mask=mi, other=0.0).to(tl.float32)
-                G_i = tl.load(G + ti * (H * K) + i_h * K + cf, mask=mi, other=0.0)
-                kE = f_k * _exp(tl.minimum(G_i[None, :] - f_G, 0.0), FAST_EXP)
-                sel = c16[None, :] == i
-                b_at += tl.where(sel, tl.sum(kE * k_i[None, :], axis=1)[:, None], 0.0)
-                b_pt += tl.where(sel, tl.sum(kE * q_i[None, :], axis=1)[:, None], 0.0)
-            b_a = tl.trans(b_at)
-            b_p = tl.trans(b_pt)
-        else:
-            # column j against the block's rows i (tile rows), the form of the earlier kernel
-            f_q = tl.load(q + offf, mask=mf, other=0.0).to(tl.float32)
-            for j in range(0, BC):
-                tj = t0 + i_a * BC + j
-                mj = (cf < K) & ((tj + cf * 0) < eos)
-                k_j = tl.load(k + tj * (H * K) + i_h * K + cf, mask=mj, other=0.0).to(tl.float32)
-                G_j = tl.load(G + tj * (H * K) + i_h * K + cf, mask=mj, other=0.0)
-                kE = k_j[None, :] * _exp(tl.minimum(f_G - G_j[None, :], 0.0), FAST_EXP)
-                sel = c16[None, :] == j
-                b_a += tl.where(sel, tl.sum(f_k * kE, axis=1)[:, None], 0.0)
-                b_p += tl.where(sel, tl.sum(f_q * kE, axis=1)[:, None], 0.0)
-    if DIAG >= 3:
-        b_p += tl.where(c16[:, None] == c16[None, :], b_pd[:, None], 0.0)
-        b_al = tl.trans(b_alT)
-        b_pl = tl.trans(b_plT)
+            # transposed, [BT, BKS] x [BKS, BC]: M = BT rows split over the warps, where the
+            # [BC, BT] form's M = 16 puts a whole copy of the tile (and accumulator) on every warp
+            b_alT += tl.dot(R, tl.trans(b_k * F), input_precision=DOT_PREC)
+            b_plT += tl.dot(R, tl.trans(b_q * F), input_precision=DOT_PREC)
+        # P's diagonal needs no exp
+        b_pd += tl.sum(b_q * b_k, axis=1)
+        # The left-block factorisation applied inside the diagonal block, recursively: at level
+        # S = BC, BC/2, ..., 2 the pairs with i in the lower and j in the upper half of the same
+        # S-block (_half_pairs). Every pair i > j lies in exactly one level: 4 tiles of BC x BKS
+        # exps instead of BC x BC x BKS.
+        for lv in tl.static_range(0, 4):
+            if (BC >> lv) >= 2:
+                d_a, d_p = _half_pairs(b_k, b_q, b_G, G, t0 + i_a * BC, eos, i_h * K, ck,
+                                       H, K, BC, BC >> lv, DOT_PREC, FAST_EXP)
+                b_a += d_a
+                b_p += d_p
+    b_p += tl.where(c16[:, None] == c16[None, :], b_pd[:, None], 0.0)
+    b_al = tl.trans(b_alT)
+    b_pl = tl.trans(b_plT)
     b_a = tl.where(c16[:, None] > c16[None, :], b_a, 0.0)
     b_p = tl.where(lower, b_p, 0.0)
     ml = valid[:, None] & (cols[None, :] < i_a * BC)
@@ -635,27 +541,19 @@ def state_options(V, NH, dev):
 
 
 def intra_options(BK, K):
-    """(DIAG, BKS, NK, BK, num_warps, num_stages) for the small per-sub-chunk kernel; DIAG is the
-    diagonal-block form (see chunk_intra_kernel). The interpreter runs the first option only;
-    tests/ops/test_delta_intra.py runs every DIAG."""
-    # DIAG 4 first: sm_90a estimates (Triton 3.6, bf16, K = 128, 4 warps; dynamic SASS counts) are
-    # 16K warp instructions per program against 42K for the earlier kernel (DIAG 0 with tl.exp:
-    # 2.62 ms on an H200 at 32K tokens x 16 heads), 166 registers, no spills: a quarter of the
-    # exps, one warpgroup product per key block for the diagonal block instead of [16, 16] ones
-    # replicated on every warp, no [BC, BC, BKS] tensor. Not yet timed on a GPU:
-    # scripts/sweep_delta_intra.py times every option; put its BEST_INTRA_OPTION first. Every
-    # option here compiles with Triton 3.6 for sm_90a (bf16 and fp32 signatures).
-    return [dict(DIAG=d, BKS=b, NK=triton.cdiv(K, b), BK=BK, FAST_EXP=not interpreted(),
-                 num_warps=w, num_stages=st)
-            for st in _stages() for d, b, w in ((4, 16, 4), (4, 32, 4), (3, 16, 4), (2, 16, 4),
-                                               (1, 16, 4), (0, 16, 4), (0, 16, 8), (0, 16, 2))]
+    """(BKS, NK, FAST_EXP, num_warps, num_stages) for the small per-sub-chunk kernel, fastest
+    first. Measured on an H200 (Triton 3.6, bf16, K = 128, 32K tokens x 16 heads;
+    scripts/sweep_delta_intra.py): BKS 32 / 2 warps 1.22 ms (255 registers, 2 spilled), BKS 16 /
+    2 warps 1.45 ms, BKS 16 / 4 warps 1.84 ms, BKS 32 / 4 warps 1.90 ms; 8 warps 3.9-5.2 ms.
+    FAST_EXP (ex2.approx.ftz) is GPU-only PTX: off under the interpreter."""
+    return [dict(BKS=b, NK=triton.cdiv(K, b), FAST_EXP=not interpreted(), num_warps=w, num_stages=st)
+            for st in _stages() for b, w in ((32, 2), (16, 2), (16, 4), (32, 4))]
 
 
 def intra_sweep_options(BK, K):
-    """Every (DIAG, BKS, num_warps) the intra sweep times."""
-    return [dict(DIAG=d, BKS=b, NK=triton.cdiv(K, b), BK=BK, FAST_EXP=not interpreted(),
-                 num_warps=w, num_stages=1)
-            for d in (0, 1, 2, 3, 4) for b in (16, 32) for w in (2, 4, 8)]
+    """Every (BKS, num_warps, FAST_EXP) scripts/sweep_delta_intra.py times."""
+    return [dict(BKS=b, NK=triton.cdiv(K, b), FAST_EXP=f and not interpreted(), num_warps=w, num_stages=1)
+            for f in (True, False) for b in (16, 32) for w in (2, 4, 8)]
 
 
 def prep_options(K, V):
