@@ -15,7 +15,8 @@ within-chunk cumulative log-decay G (fp32)::
 The decay ratio exp(G_i - G_j) is never split into exp(G_i) * exp(-G_j), whose second factor
 overflows fp32 for strong decay at C = 64. Between 16-row sub-chunks it is factored through the
 last row r of the earlier sub-chunk, exp(G_i - G_r) * exp(G_r - G_j), both exponents <= 0 (tensor-
-core products); inside a sub-chunk it is formed per pair. The inverses of the 16x16 diagonal
+core products); inside a sub-chunk, through the same factorisation on halves of the block,
+recursively (chunk_intra). The inverses of the 16x16 diagonal
 blocks of I + A come from chunk_intra (a product of four Neumann factors), and chunk_prep merges
 them into T with an exact block-Neumann step.
 
@@ -88,15 +89,72 @@ def _mm(a, b, OP_BF16: tl.constexpr, DOT_PREC: tl.constexpr):
 
 
 @triton.jit
+def _exp(x, FAST_EXP: tl.constexpr):
+    # FAST_EXP: ex2.approx.ftz, one MUFU instruction per element; tl.exp's ex2.approx.f32 (no ftz)
+    # makes ptxas add a range test and two multiplies for denormal results (products below 1e-38
+    # here, negligible): ~10% of chunk_intra's instructions (sm_90a estimate). PTX, so off under
+    # the CPU interpreter.
+    if FAST_EXP:
+        return tl.inline_asm_elementwise("ex2.approx.ftz.f32 $0, $1;", "=r,r", [x * 1.4426950408889634],
+                                         dtype=tl.float32, is_pure=True, pack=1)
+    else:
+        return tl.exp(x)
+
+
+@triton.jit
+def _left_factors(k, G, b_G, m, left, r_ref, t0, hoff, ck, H: tl.constexpr, K: tl.constexpr,
+                  BT: tl.constexpr, FAST_EXP: tl.constexpr):
+    """chunk_intra's factors of the blocks left of the diagonal for key columns ck:
+    F = exp(G_i - G_r) on the block's rows (b_G, mask m), R = k_j exp(G_r - G_j) on the chunk's
+    columns j (zero from the block's first row on)."""
+    cols = tl.arange(0, BT)
+    ml = left[:, None] & (ck[None, :] < K)
+    offl = (t0 + cols)[:, None] * (H * K) + hoff + ck[None, :]
+    G_r = tl.load(G + r_ref * (H * K) + hoff + ck, mask=ck < K, other=0.0)
+    b_kl = tl.load(k + offl, mask=ml, other=0.0).to(tl.float32)
+    b_Gl = tl.load(G + offl, mask=ml, other=0.0)
+    F = tl.where(m, _exp(tl.where(m, b_G - G_r[None, :], 0.0), FAST_EXP), 0.0)
+    R = tl.where(ml, b_kl * _exp(tl.where(ml, G_r[None, :] - b_Gl, 0.0), FAST_EXP), 0.0)
+    return F, R
+
+
+@triton.jit
+def _half_pairs(b_k, b_q, b_G, G, tb, eos, hoff, ck, H: tl.constexpr, K: tl.constexpr,
+                BC: tl.constexpr, S: tl.constexpr, DOT_PREC: tl.constexpr, FAST_EXP: tl.constexpr):
+    """One level of chunk_intra's diagonal block: the A and P entries (i, j) of a BC-row block (first
+    token tb; key columns ck) with i in the lower and j in the upper half of the same S-block:
+    exp(G_i - G_j) = exp(G_i - G_r) exp(G_r - G_j) through the last row r of that upper half, both
+    exponents -|G_t - G_r(t)| <= 0, so one exp tile serves both sides."""
+    c16 = tl.arange(0, BC)
+    rr = tb + (c16 // S) * S + S // 2 - 1  # each row's reference: last row of its upper half
+    G_rr = tl.load(G + rr[:, None] * (H * K) + hoff + ck[None, :],
+                   mask=(rr < eos)[:, None] & (ck[None, :] < K), other=0.0)
+    E = _exp(-tl.abs(b_G - G_rr), FAST_EXP)
+    lo = ((c16 % S) >= S // 2)[:, None]
+    kE = b_k * E
+    rhs = tl.trans(tl.where(lo, 0.0, kE))
+    # pairs in different S-blocks used different references: dropped
+    same = (c16[:, None] // S) == (c16[None, :] // S)
+    d_a = tl.where(same, tl.dot(tl.where(lo, kE, 0.0), rhs, input_precision=DOT_PREC), 0.0)
+    d_p = tl.where(same, tl.dot(tl.where(lo, b_q * E, 0.0), rhs, input_precision=DOT_PREC), 0.0)
+    return d_a, d_p
+
+
+@triton.jit
 def chunk_intra_kernel(q, k, G, A, P, Tm, chunk_indices, cu_seqlens,
                        H: tl.constexpr, K: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr,
                        BKS: tl.constexpr, NK: tl.constexpr, DOT_PREC: tl.constexpr,
-                       INV_PREC: tl.constexpr):
+                       INV_PREC: tl.constexpr, FAST_EXP: tl.constexpr):
     """Rows of sub-chunk ``a`` (BC rows) of A = strict_lower(K D K^T) and P = lower(Q D K^T), and
     the inverse (I + A_aa)^-1 of the diagonal block, written into the diagonal block of ``Tm``.
 
     One small program per (chunk, head, sub-chunk); it reads its own rows once per key block and
     the rows left of it once (bytes per program ~ (3 BC + 2 a BC) K words in, (2 a + 3) BC^2 out).
+    The diagonal block goes through reference-row dots on the halves of the block, recursively
+    (_half_pairs): a quarter of the exps of per-pair ratios and no [BC, BC, BKS] tensor. On an
+    H200 (Triton 3.6, 32K tokens x 16 heads, bf16) this form took 1.22 ms against 2.61 ms for the
+    per-pair form and 1.47-1.6 ms for row / column loops on full-width tiles
+    (benchmarks/results/delta_rule-kernels-NVIDIA_H200/sweep-intra.json).
     """
     i_t, i_h, i_a = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     t0, eos = _seq_bounds(chunk_indices, cu_seqlens, i_t, BT)
@@ -109,38 +167,43 @@ def chunk_intra_kernel(q, k, G, A, P, Tm, chunk_indices, cu_seqlens,
     # r the row just before this block, so both exponents are <= 0 for every i in the block and
     # every j < r + 1: no factor can overflow however strong the decay (a factor that underflows
     # stands for a product that is smaller still), and the products run on tensor cores as one
-    # [BC, BKS] x [BKS, BT] dot per key block (columns >= a*BC are masked to zero).
+    # [BT, BKS] x [BKS, BC] dot per key block (columns >= a*BC are masked to zero).
     left = (cols < i_a * BC) & ((t0 + cols) < eos)
     r_ref = tl.minimum(tl.maximum(t0 + i_a * BC - 1, t0), eos - 1)
     lower = c16[:, None] >= c16[None, :]
-    b_al = tl.zeros([BC, BT], dtype=tl.float32)
-    b_pl = tl.zeros([BC, BT], dtype=tl.float32)
+    b_alT = tl.zeros([BT, BC], dtype=tl.float32)
+    b_plT = tl.zeros([BT, BC], dtype=tl.float32)
     b_a = tl.zeros([BC, BC], dtype=tl.float32)
     b_p = tl.zeros([BC, BC], dtype=tl.float32)
+    b_pd = tl.zeros([BC], dtype=tl.float32)
     for i_k in range(0, NK):
         ck = i_k * BKS + tl.arange(0, BKS)
         m = valid[:, None] & (ck[None, :] < K)
-        ml = left[:, None] & (ck[None, :] < K)
         off = (t0 + ra)[:, None] * (H * K) + i_h * K + ck[None, :]
-        offl = (t0 + cols)[:, None] * (H * K) + i_h * K + ck[None, :]
         b_k = tl.load(k + off, mask=m, other=0.0).to(tl.float32)
         b_q = tl.load(q + off, mask=m, other=0.0).to(tl.float32)
         b_G = tl.load(G + off, mask=m, other=0.0)
-        G_r = tl.load(G + r_ref * (H * K) + i_h * K + ck, mask=ck < K, other=0.0)
-        b_kl = tl.load(k + offl, mask=ml, other=0.0).to(tl.float32)
-        b_Gl = tl.load(G + offl, mask=ml, other=0.0)
-        F = tl.where(m, tl.exp(tl.where(m, b_G - G_r[None, :], 0.0)), 0.0)
-        R = tl.where(ml, b_kl * tl.exp(tl.where(ml, G_r[None, :] - b_Gl, 0.0)), 0.0)
-        b_al += tl.dot(b_k * F, tl.trans(R), input_precision=DOT_PREC)
-        b_pl += tl.dot(b_q * F, tl.trans(R), input_precision=DOT_PREC)
-        # Diagonal block: the exact per-pair ratio as one [BC, BC, BKS] form (no per-column loop,
-        # no row re-loads). min(., 0) keeps the unused upper pairs (G_i - G_j >= 0) from
-        # overflowing; they are dropped by the triangle masks below. Rows/columns past the
-        # sequence end have k = q = 0, so they add nothing.
-        E = tl.exp(tl.minimum(b_G[:, None, :] - b_G[None, :, :], 0.0))
-        kE = b_k[None, :, :] * E
-        b_a += tl.sum(b_k[:, None, :] * kE, axis=2)
-        b_p += tl.sum(b_q[:, None, :] * kE, axis=2)
+        if i_a > 0:  # sub-chunk 0 has no blocks on its left
+            F, R = _left_factors(k, G, b_G, m, left, r_ref, t0, i_h * K, ck, H, K, BT, FAST_EXP)
+            # transposed, [BT, BKS] x [BKS, BC]: M = BT rows split over the warps, where the
+            # [BC, BT] form's M = 16 puts a whole copy of the tile (and accumulator) on every warp
+            b_alT += tl.dot(R, tl.trans(b_k * F), input_precision=DOT_PREC)
+            b_plT += tl.dot(R, tl.trans(b_q * F), input_precision=DOT_PREC)
+        # P's diagonal needs no exp
+        b_pd += tl.sum(b_q * b_k, axis=1)
+        # The left-block factorisation applied inside the diagonal block, recursively: at level
+        # S = BC, BC/2, ..., 2 the pairs with i in the lower and j in the upper half of the same
+        # S-block (_half_pairs). Every pair i > j lies in exactly one level: 4 tiles of BC x BKS
+        # exps instead of BC x BC x BKS.
+        for lv in tl.static_range(0, 4):
+            if (BC >> lv) >= 2:
+                d_a, d_p = _half_pairs(b_k, b_q, b_G, G, t0 + i_a * BC, eos, i_h * K, ck,
+                                       H, K, BC, BC >> lv, DOT_PREC, FAST_EXP)
+                b_a += d_a
+                b_p += d_p
+    b_p += tl.where(c16[:, None] == c16[None, :], b_pd[:, None], 0.0)
+    b_al = tl.trans(b_alT)
+    b_pl = tl.trans(b_plT)
     b_a = tl.where(c16[:, None] > c16[None, :], b_a, 0.0)
     b_p = tl.where(lower, b_p, 0.0)
     ml = valid[:, None] & (cols[None, :] < i_a * BC)
@@ -478,11 +541,19 @@ def state_options(V, NH, dev):
 
 
 def intra_options(BK, K):
-    """(BKS, NK, num_warps, num_stages) for the small per-sub-chunk kernel."""
-    # the diagonal block's [BC, BC, BKS] pair form holds BC * BC * BKS / (32 * num_warps) fp32
-    # registers per thread: BKS = 16 at 4 warps is 32 (128 regs in all on sm_90, no spills)
-    return [dict(BKS=b, NK=triton.cdiv(K, b), num_warps=w, num_stages=st) for st in _stages()
-            for b, w in ((16, 4), (16, 8), (16, 2))]
+    """(BKS, NK, FAST_EXP, num_warps, num_stages) for the small per-sub-chunk kernel, fastest
+    first. Measured on an H200 (Triton 3.6, bf16, K = 128, 32K tokens x 16 heads;
+    scripts/sweep_delta_intra.py): BKS 32 / 2 warps 1.22 ms (255 registers, 2 spilled), BKS 16 /
+    2 warps 1.45 ms, BKS 16 / 4 warps 1.84 ms, BKS 32 / 4 warps 1.90 ms; 8 warps 3.9-5.2 ms.
+    FAST_EXP (ex2.approx.ftz) is GPU-only PTX: off under the interpreter."""
+    return [dict(BKS=b, NK=triton.cdiv(K, b), FAST_EXP=not interpreted(), num_warps=w, num_stages=st)
+            for st in _stages() for b, w in ((32, 2), (16, 2), (16, 4), (32, 4))]
+
+
+def intra_sweep_options(BK, K):
+    """Every (BKS, num_warps, FAST_EXP) scripts/sweep_delta_intra.py times."""
+    return [dict(BKS=b, NK=triton.cdiv(K, b), FAST_EXP=f and not interpreted(), num_warps=w, num_stages=1)
+            for f in (True, False) for b in (16, 32) for w in (2, 4, 8)]
 
 
 def prep_options(K, V):
