@@ -46,13 +46,18 @@ def report(kern):
         f.write(kern.asm["cubin"])
         f.flush()
         out = subprocess.run([tool, "--dump-resource-usage", f.name], capture_output=True, text=True).stdout
+        sass = subprocess.run([tool, "-sass", f.name], capture_output=True, text=True).stdout
     res = " ".join(w for line in out.splitlines() if "REG" in line for w in line.split()
                    if w.startswith(("REG", "STACK")))
+    # static SASS instructions (no loops but the reduce's row loop): x warps / VALS = warp-instructions
+    # a value; an H200 issues ~1e12 warp-instructions/s, so a quantize at 4.8 TB/s (~3 B a value)
+    # affords about 0.65 a value
+    n_sass = len(re.findall(r"/\*[0-9a-f]{4}\*/", sass))
     ptx = kern.asm["ptx"]
     mem = Counter(m.group(1) for m in re.finditer(r"\b((?:ld|st)\.global(?:\.[a-z0-9]+)*)", ptx))
     conv = kern.asm["ttgir"].count("ttg.convert_layout")
     smem = kern.metadata.shared
-    return f"{res} cvt_layout={conv} smem={smem} " + " ".join(f"{k}:{v}" for k, v in sorted(mem.items()))
+    return f"{res} sass={n_sass} cvt_layout={conv} smem={smem} " + " ".join(f"{k}:{v}" for k, v in sorted(mem.items()))
 
 
 def variants(G):
@@ -75,7 +80,7 @@ def main():
             continue
         for vals, warps in gw.TUNE_CONFIGS:
             try:
-                r = report(compile_one(fn, dict(consts, VALS=vals), warps))
+                r = report(compile_one(fn, dict(consts, **gw._config(vals, warps).kwargs), warps))
             except Exception as e:  # a config that does not compile is reported, not fatal
                 r = f"FAILED {type(e).__name__}: {str(e)[:200]}"
             print(f"{name:24s} VALS={vals:5d} warps={warps} {r}", flush=True)

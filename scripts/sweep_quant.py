@@ -50,7 +50,7 @@ def bench(fn):
         fn()
         return (time.perf_counter() - t) * 1e3
     import triton.testing
-    return triton.testing.do_bench(fn, warmup=10, rep=40, return_mode="median")
+    return triton.testing.do_bench(fn, warmup=5, rep=25, return_mode="median")
 
 
 def same_as_naive(q: QTensor, ref: QTensor) -> tuple[bool, str]:

@@ -231,7 +231,7 @@ def build(fn, constexprs, num_warps):
 
 # the smallest and the largest tile of the autotuner's list, masked and unmasked
 for (bits, spike, G), (vals, warps) in zip(((4, True, 128), (8, False, 32)), (gw.TUNE_CONFIGS[0], gw.TUNE_CONFIGS[-1])):
-    base = {"G": G, "BITS": bits, "SPIKE": spike, "VALS": vals}
+    base = {"G": G, "BITS": bits, "SPIKE": spike, **gw._config(vals, warps).kwargs}
     build(gw._quant_kernel, {**base, "WHOLE": spike}, warps)
     build(gw._dequant_kernel, {**base, "REDUCE": not spike, "WHOLE": not spike}, warps)
     build(gw._reduce_requant_kernel, {**base, "OBITS": 12 - bits, "OSPIKE": spike, "WHOLE": spike}, warps)
@@ -258,22 +258,22 @@ def test_kernels_compile_for_sm90():
 
 # Every autotuner candidate must write the same bytes: ranks of one all-reduce may tune to
 # different tiles, and the CPU suite otherwise only runs the first. Under the interpreter the
-# warp count changes nothing, so each tile size runs once (with its first listed warp count).
-
-
+# warp count itself changes nothing, so each distinct tile (values a program, parts a group: HP)
+# runs once.
 def _each_tile():
-    from catkit.ops.quant.groupwise import TUNE_CONFIGS
+    from catkit.ops.quant.groupwise import TUNE_CONFIGS, _config
     seen = {}
     for vals, warps in TUNE_CONFIGS:
-        seen.setdefault(vals, (vals, warps))
+        seen.setdefault(tuple(sorted(_config(vals, warps).kwargs.items())), (vals, warps))
     return list(seen.values())
 
 
 @pytest.mark.parametrize("bits,spike,G,rows,numel", [
-    (8, False, 32, 3, 3 * 1600 - 45),      # odd numel: masked path, a partial last row
-    (4, False, 32, 2, 2 * 64 * 32),        # whole groups: the unmasked path
+    (8, False, 128, 3, 3 * 128 * 30 - 45),  # odd numel: masked path, a partial last row
+    (4, False, 128, 2, 2 * 128 * 40),       # whole groups: the unmasked path
     (8, True, 64, 2, 2 * 2112 - 7),
-    (4, True, 32, 1, 32 * 70),             # whole, spikes, 70 groups: a partial last program
+    (4, True, 128, 1, 128 * 70),            # whole, spikes, 70 groups: a partial last program
+    (8, False, 32, 2, 2 * 32 * 150 - 3),    # G = 32: one part a group
 ])
 def test_every_tile_config_writes_the_same_bytes(seed, bits, spike, G, rows, numel):
     from catkit.ops.quant.groupwise import dequantize_launcher, quantize_launcher, reduce_requantize_launcher

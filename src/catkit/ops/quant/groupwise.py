@@ -29,14 +29,23 @@ _FLOAT_IN = (torch.float32, torch.float16, torch.bfloat16)
 
 # (values per program, warps): the autotuner's candidates. The first is the only one the CPU
 # interpreter runs through the autotuner (catkit.utils.triton_utils.autotune); the tests run every
-# one explicitly. 1K values on 4 warps is the old fixed tile (8 bf16 = one 16-byte load a thread);
-# bigger tiles put more bytes in flight per thread, which is what a streaming kernel needs to
-# approach HBM bandwidth (the old tile left ~3x on the table at 256 MB).
-TUNE_CONFIGS = ((1024, 4), (2048, 4), (4096, 4), (1024, 8), (2048, 8), (4096, 8))
+# one explicitly. 1K values on 4 warps is the old fixed tile (8 bf16 = one 16-byte load a thread).
+# Why the old tile was slow (sm_90 SASS, scripts/sm90_regs_quant.py): the int8 quantize ran ~700
+# instructions a thread for 8 values, ~2.7 warp-instructions a value, where an H200 streaming
+# ~3 bytes a value at 4.8 TB/s affords ~0.65: it was issue-bound, not memory-bound. The per-group
+# work (three exact divisions, metadata, shuffles) was redone by each of the 16 threads sharing a
+# group for only 8 values each. Bigger tiles with the [H, GB, P] split below give each thread more
+# values of fewer groups (4096 values / 4 warps: 0.68 warp-instructions a value; 8192: 0.53).
+TUNE_CONFIGS = ((1024, 4), (2048, 4), (4096, 4), (8192, 4), (2048, 8), (4096, 8), (8192, 8))
+
+
+def _config(vals: int, warps: int):
+    # HP: parts of a group one thread holds (values a thread / 16, see the tile comment below)
+    return triton.Config({"VALS": vals, "HP": max(1, vals // (512 * warps))}, num_warps=warps)
 
 
 def _tune_configs():
-    return [triton.Config({"VALS": v}, num_warps=w) for v, w in TUNE_CONFIGS]
+    return [_config(v, w) for v, w in TUNE_CONFIGS]
 
 
 if triton is not None:
@@ -46,18 +55,50 @@ if triton is not None:
         # |v| < inf is False for both NaN and +-Inf; works the same compiled and interpreted.
         return tl.where(tl.abs(v) < float("inf"), 0, 1) > 0
 
+    # A tile is [H, GB, P]: GB groups, each cut into H parts of P = G // H consecutive values, so
+    # element (h, i, p) is value h * P + p of group i. Triton lays the contiguous P axis over lanes
+    # (16-byte vectors: 16 uint8 codes, which is the layout it picks for the whole kernel) and GB
+    # over the remaining lanes and warps; with H = values a thread / 16 that covers exactly the
+    # CTA, so the H parts of a group land in one thread's registers: group-wise reductions cross
+    # G / (16 * H) lanes instead of G / 16, and the per-group arithmetic is repeated by that many
+    # threads. A larger H spills parts over warps (reductions through shared memory: slower, seen
+    # in the TTGIR); H = 1 is the plain [GB, G] tile. Parts keep >= 32 values.
+
     @triton.jit
-    def _quant_tile(x, valid, k, META: tl.constexpr, QMAX: tl.constexpr, G: tl.constexpr, SPIKE: tl.constexpr,
+    def _parts(H: tl.constexpr, P: tl.constexpr):
+        """[H, 1, P]: each element's position inside its group."""
+        return tl.arange(0, H)[:, None, None] * P + tl.arange(0, P)[None, None, :]
+
+    @triton.jit
+    def _gmax(v):
+        return tl.max(tl.max(v, axis=2), axis=0)
+
+    @triton.jit
+    def _gmin(v):
+        return tl.min(tl.min(v, axis=2), axis=0)
+
+    @triton.jit
+    def _gsum(v):
+        return tl.sum(tl.sum(v, axis=2), axis=0)
+
+    @triton.jit
+    def _e(v):
+        """[GB] group statistic -> [1, GB, 1], to broadcast over a tile."""
+        return v[None, :, None]
+
+    @triton.jit
+    def _quant_tile(x, valid, kk, META: tl.constexpr, QMAX: tl.constexpr, G: tl.constexpr, SPIKE: tl.constexpr,
                     MASKED: tl.constexpr):
-        """Quantize a [GB, G] fp32 tile; see naive.py. ``valid`` (absent values) is read only when
-        MASKED: a message of whole groups skips every mask (groups past the end are never stored)."""
-        kk = k[None, :]
+        """Quantize an [H, GB, P] fp32 tile (``kk``: positions in the group); see naive.py.
+
+        ``valid`` (absent values) is read only when MASKED: a message of whole groups skips every
+        mask (groups past the end are computed on zeros and never stored)."""
         # NaN/Inf among the present values: the group's sum of x * 0 is NaN (IEEE, on the GPU and in
         # numpy alike), else 0. A float sum: cheaper than an int max over abs/compare/select.
         z = x * 0.0
         if MASKED:
             z = tl.where(valid, z, 0.0)
-        bad = tl.sum(z, axis=1) != 0.0
+        bad = _gsum(z) != 0.0
         lo_r = tl.zeros_like(bad).to(tl.float32)
         hi_r = lo_r
         i_lo = tl.zeros_like(bad).to(tl.int32) + G
@@ -67,32 +108,32 @@ if triton is not None:
             xm = x
             if MASKED:
                 xm = tl.where(valid, x, -float("inf"))
-            mx_all = tl.max(xm, axis=1)
-            hit = x == mx_all[:, None]
+            mx_all = _gmax(xm)
+            hit = x == _e(mx_all)
             if MASKED:
                 hit = valid & hit
-            i_hi = tl.min(tl.where(hit, kk, G), axis=1)
-            rest = kk != i_hi[:, None]
+            i_hi = _gmin(tl.where(hit, kk, G))
+            rest = kk != _e(i_hi)
             if MASKED:
                 rest = valid & rest
-            mn_all = tl.min(tl.where(rest, x, float("inf")), axis=1)
-            i_lo = tl.min(tl.where(rest & (x == mn_all[:, None]), kk, G), axis=1)
-            rest = rest & (kk != i_lo[:, None])
+            mn_all = _gmin(tl.where(rest, x, float("inf")))
+            i_lo = _gmin(tl.where(rest & (x == _e(mn_all)), kk, G))
+            rest = rest & (kk != _e(i_lo))
             # a one-hot masked sum is the gather of the spike value (0 when there is none)
-            lo_r = tl.sum(tl.where(kk == i_lo[:, None], x, 0.0), axis=1).to(META).to(tl.float32)
-            hi_r = tl.sum(tl.where(kk == i_hi[:, None], x, 0.0), axis=1).to(META).to(tl.float32)
+            lo_r = _gsum(tl.where(kk == _e(i_lo), x, 0.0)).to(META).to(tl.float32)
+            hi_r = _gsum(tl.where(kk == _e(i_hi), x, 0.0)).to(META).to(tl.float32)
             bad = bad | _not_finite(lo_r) | _not_finite(hi_r)
         if SPIKE or MASKED:
-            mn = tl.min(tl.where(rest, x, float("inf")), axis=1)
-            mx = tl.max(tl.where(rest, x, -float("inf")), axis=1)
+            mn = _gmin(tl.where(rest, x, float("inf")))
+            mx = _gmax(tl.where(rest, x, -float("inf")))
             # only a group without present values has min +inf > max -inf (NaN compares False and
             # is caught by ``bad``): one comparison instead of a third reduction
             empty = mn > mx
             mn = tl.where(empty, 0.0, mn)
             mx = tl.where(empty, 0.0, mx)
         else:
-            mn = tl.min(x, axis=1)
-            mx = tl.max(x, axis=1)
+            mn = _gmin(x)
+            mx = _gmax(x)
         # quantize against the *stored* (rounded) min and scale so decoding sees the same numbers
         mn_r = mn.to(META).to(tl.float32)
         # div_rn: Triton's "/" is an approximate division on the GPU; the reference divides exactly
@@ -103,7 +144,7 @@ if triton is not None:
         # so codes of bad groups are 0 without a per-value select.
         pos = (s_r > 0) & (bad == 0)
         inv = tl.where(pos, tl.math.div_rn(1.0, tl.where(pos, s_r, 1.0)), 0.0)
-        q = tl.floor((x - mn_r[:, None]) * inv[:, None] + 0.5)
+        q = tl.floor((x - _e(mn_r)) * _e(inv) + 0.5)
         q = tl.minimum(tl.maximum(q, 0.0), QMAX)
         if SPIKE or MASKED:  # absent values and spike positions get code 0
             q = tl.where(rest, q, 0.0)
@@ -112,19 +153,19 @@ if triton is not None:
     @triton.jit
     def _store_tile(buf_ptr, meta_ptr, idx_ptr, q, mn_r, s_r, lo_r, hi_r, i_lo, i_hi, bad, r, j, gmask,
                     row_bytes, row_meta, scale_m, min_m, lo_m, hi_m, row_idx, ilo_i, ihi_i,
-                    G: tl.constexpr, GB: tl.constexpr, BITS: tl.constexpr, SPIKE: tl.constexpr):
-        """Store groups ``j`` of rows ``r`` (int64, so buffers past 2 GB index right)."""
+                    G: tl.constexpr, GB: tl.constexpr, H: tl.constexpr, BITS: tl.constexpr,
+                    SPIKE: tl.constexpr):
+        """Store the [H, GB, G // H] codes ``q`` and the [GB] statistics of groups ``j`` of rows
+        ``r`` (int64, so buffers past 2 GB index right)."""
         META = meta_ptr.dtype.element_ty
         CB: tl.constexpr = G * BITS // 8
         base = r * row_bytes + j * CB
+        P: tl.constexpr = G // H
         if BITS == 8:
-            kb = tl.arange(0, G)
-            tl.store(buf_ptr + base[:, None] + kb[None, :], q.to(tl.uint8), mask=gmask[:, None])
+            tl.store(buf_ptr + _e(base) + _parts(H, P), q.to(tl.uint8), mask=_e(gmask))
         else:
-            q_even, q_odd = tl.split(tl.reshape(q, [GB, G // 2, 2]))
-            kb = tl.arange(0, G // 2)
-            tl.store(buf_ptr + base[:, None] + kb[None, :], (q_even | (q_odd << 4)).to(tl.uint8),
-                     mask=gmask[:, None])
+            q_even, q_odd = tl.split(tl.reshape(q, [H, GB, P // 2, 2]))
+            tl.store(buf_ptr + _e(base) + _parts(H, P // 2), (q_even | (q_odd << 4)).to(tl.uint8), mask=_e(gmask))
         nan = float("nan")
         mrow = r * row_meta + j
         tl.store(meta_ptr + mrow + scale_m, tl.where(bad, nan, s_r).to(META), mask=gmask)
@@ -139,30 +180,30 @@ if triton is not None:
     @triton.jit
     def _decode_tile(buf_ptr, meta_ptr, idx_ptr, r, j, gmask,
                      row_bytes, row_meta, scale_m, min_m, lo_m, hi_m, row_idx, ilo_i, ihi_i,
-                     G: tl.constexpr, GB: tl.constexpr, BITS: tl.constexpr, SPIKE: tl.constexpr):
-        """Decode groups ``j`` of rows ``r`` (int64) into a [GB, G] fp32 tile."""
+                     G: tl.constexpr, GB: tl.constexpr, H: tl.constexpr, BITS: tl.constexpr,
+                     SPIKE: tl.constexpr):
+        """Decode groups ``j`` of rows ``r`` (int64) into an [H, GB, G // H] fp32 tile."""
         CB: tl.constexpr = G * BITS // 8
         base = r * row_bytes + j * CB
+        P: tl.constexpr = G // H
         if BITS == 8:
-            kb = tl.arange(0, G)
-            q = tl.load(buf_ptr + base[:, None] + kb[None, :], mask=gmask[:, None], other=0).to(tl.int32)
+            q = tl.load(buf_ptr + _e(base) + _parts(H, P), mask=_e(gmask), other=0).to(tl.int32)
         else:
-            kb = tl.arange(0, G // 2)
-            b = tl.load(buf_ptr + base[:, None] + kb[None, :], mask=gmask[:, None], other=0).to(tl.int32)
-            q = tl.reshape(tl.join(b & 15, b >> 4), [GB, G])
+            b = tl.load(buf_ptr + _e(base) + _parts(H, P // 2), mask=_e(gmask), other=0).to(tl.int32)
+            q = tl.reshape(tl.join(b & 15, b >> 4), [H, GB, P])
         mrow = r * row_meta + j
         s = tl.load(meta_ptr + mrow + scale_m, mask=gmask, other=0.0).to(tl.float32)
         m = tl.load(meta_ptr + mrow + min_m, mask=gmask, other=0.0).to(tl.float32)
-        y = q.to(tl.float32) * s[:, None] + m[:, None]
+        y = q.to(tl.float32) * _e(s) + _e(m)
         if SPIKE:
-            kk = tl.arange(0, G)[None, :]
+            kk = _parts(H, P)
             irow = r * row_idx + j
             lo = tl.load(meta_ptr + mrow + lo_m, mask=gmask, other=0.0).to(tl.float32)
             hi = tl.load(meta_ptr + mrow + hi_m, mask=gmask, other=0.0).to(tl.float32)
             i_lo = tl.load(idx_ptr + irow + ilo_i, mask=gmask, other=-1).to(tl.int32)
             i_hi = tl.load(idx_ptr + irow + ihi_i, mask=gmask, other=-1).to(tl.int32)
-            y = tl.where(kk == i_lo[:, None], lo[:, None], y)
-            y = tl.where(kk == i_hi[:, None], hi[:, None], y)
+            y = tl.where(kk == _e(i_lo), _e(lo), y)
+            y = tl.where(kk == _e(i_hi), _e(hi), y)
         return y
 
     # Tiles: a program owns VALS consecutive values = GB = VALS // G whole groups. Group and in-tile
@@ -176,52 +217,53 @@ if triton is not None:
     def _quant_kernel(x_ptr, buf_ptr, meta_ptr, idx_ptr, n_valid, n_groups, gpr, size_key,
                       row_bytes, row_meta, scale_m, min_m, lo_m, hi_m, row_idx, ilo_i, ihi_i,
                       G: tl.constexpr, BITS: tl.constexpr, SPIKE: tl.constexpr, WHOLE: tl.constexpr,
-                      VALS: tl.constexpr):
+                      VALS: tl.constexpr, HP: tl.constexpr):
         GB: tl.constexpr = VALS // G
+        H: tl.constexpr = HP if HP < G // 32 else G // 32  # parts of >= 32 values
         pid = tl.program_id(0)
         i = tl.arange(0, GB)
         g = pid * GB + i
         gmask = g < n_groups
         r = g // gpr
-        k = tl.arange(0, G)
-        tile = i[:, None] * G + k[None, :]
+        kk = _parts(H, G // H)
+        tile = _e(i) * G + kk
         start = tl.cast(pid, tl.int64) * VALS
-        valid = gmask[:, None]
+        valid = _e(gmask)
         if not WHOLE:
             valid = valid & (tile < tl.cast(tl.minimum(n_valid - start, VALS), tl.int32))
         x = tl.load(x_ptr + start + tile, mask=valid, other=0.0).to(tl.float32)
         q, mn_r, s_r, lo_r, hi_r, i_lo, i_hi, bad = _quant_tile(
-            x, valid, k, meta_ptr.dtype.element_ty, (1 << BITS) - 1, G, SPIKE, not WHOLE)
+            x, valid, kk, meta_ptr.dtype.element_ty, (1 << BITS) - 1, G, SPIKE, not WHOLE)
         _store_tile(buf_ptr, meta_ptr, idx_ptr, q, mn_r, s_r, lo_r, hi_r, i_lo, i_hi, bad,
                     tl.cast(r, tl.int64), g - r * gpr, gmask,
-                    row_bytes, row_meta, scale_m, min_m, lo_m, hi_m, row_idx, ilo_i, ihi_i, G, GB, BITS, SPIKE)
+                    row_bytes, row_meta, scale_m, min_m, lo_m, hi_m, row_idx, ilo_i, ihi_i, G, GB, H, BITS, SPIKE)
 
     @triton.jit(do_not_specialize=["size_key"])
     def _dequant_kernel(buf_ptr, meta_ptr, idx_ptr, out_ptr, n_out, n_groups, gpr, rows, size_key,
                         row_bytes, row_meta, scale_m, min_m, lo_m, hi_m, row_idx, ilo_i, ihi_i,
                         G: tl.constexpr, BITS: tl.constexpr, SPIKE: tl.constexpr, REDUCE: tl.constexpr,
-                        WHOLE: tl.constexpr, VALS: tl.constexpr):
+                        WHOLE: tl.constexpr, VALS: tl.constexpr, HP: tl.constexpr):
         GB: tl.constexpr = VALS // G
+        H: tl.constexpr = HP if HP < G // 32 else G // 32  # parts of >= 32 values
         pid = tl.program_id(0)
         i = tl.arange(0, GB)
         g = pid * GB + i
-        k = tl.arange(0, G)
-        tile = i[:, None] * G + k[None, :]
+        tile = _e(i) * G + _parts(H, G // H)
         start = tl.cast(pid, tl.int64) * VALS
         if REDUCE:  # g indexes groups of one row; sum that group over every row in fp32
             gmask = g < gpr
-            acc = tl.zeros([GB, G], dtype=tl.float32)
+            acc = tl.zeros([H, GB, G // H], dtype=tl.float32)
             for r in range(0, rows):
                 acc += _decode_tile(buf_ptr, meta_ptr, idx_ptr, tl.cast(r, tl.int64), g, gmask,
                                     row_bytes, row_meta, scale_m, min_m, lo_m, hi_m, row_idx, ilo_i, ihi_i,
-                                    G, GB, BITS, SPIKE)
+                                    G, GB, H, BITS, SPIKE)
         else:
             gmask = g < n_groups
             r = g // gpr
             acc = _decode_tile(buf_ptr, meta_ptr, idx_ptr, tl.cast(r, tl.int64), g - r * gpr, gmask,
                                row_bytes, row_meta, scale_m, min_m, lo_m, hi_m, row_idx, ilo_i, ihi_i,
-                               G, GB, BITS, SPIKE)
-        smask = gmask[:, None]
+                               G, GB, H, BITS, SPIKE)
+        smask = _e(gmask)
         if not WHOLE:
             smask = smask & (tile < tl.cast(tl.minimum(n_out - start, VALS), tl.int32))
         tl.store(out_ptr + start + tile, acc.to(out_ptr.dtype.element_ty), mask=smask)
@@ -233,30 +275,32 @@ if triton is not None:
             obuf_ptr, ometa_ptr, oidx_ptr, n_valid,
             orow_bytes, orow_meta, oscale_m, omin_m, olo_m, ohi_m, orow_idx, oilo_i, oihi_i,
             G: tl.constexpr, BITS: tl.constexpr, SPIKE: tl.constexpr,
-            OBITS: tl.constexpr, OSPIKE: tl.constexpr, WHOLE: tl.constexpr, VALS: tl.constexpr):
+            OBITS: tl.constexpr, OSPIKE: tl.constexpr, WHOLE: tl.constexpr, VALS: tl.constexpr,
+            HP: tl.constexpr):
         # The all-reduce's middle step in one pass: the fp32 sum never leaves registers.
         GB: tl.constexpr = VALS // G
+        H: tl.constexpr = HP if HP < G // 32 else G // 32  # parts of >= 32 values
         pid = tl.program_id(0)
         i = tl.arange(0, GB)
         g = pid * GB + i
         gmask = g < gpr
-        k = tl.arange(0, G)
-        acc = tl.zeros([GB, G], dtype=tl.float32)
+        kk = _parts(H, G // H)
+        acc = tl.zeros([H, GB, G // H], dtype=tl.float32)
         for r in range(0, rows):
             acc += _decode_tile(buf_ptr, meta_ptr, idx_ptr, tl.cast(r, tl.int64), g, gmask,
                                 row_bytes, row_meta, scale_m, min_m, lo_m, hi_m, row_idx, ilo_i, ihi_i,
-                                G, GB, BITS, SPIKE)
-        valid = gmask[:, None]
+                                G, GB, H, BITS, SPIKE)
+        valid = _e(gmask)
         if not WHOLE:
             start = tl.cast(pid, tl.int64) * VALS
-            tile = i[:, None] * G + k[None, :]
+            tile = _e(i) * G + kk
             valid = valid & (tile < tl.cast(tl.minimum(n_valid - start, VALS), tl.int32))
         q, mn_r, s_r, lo_r, hi_r, i_lo, i_hi, bad = _quant_tile(
-            acc, valid, k, ometa_ptr.dtype.element_ty, (1 << OBITS) - 1, G, OSPIKE, not WHOLE)
+            acc, valid, kk, ometa_ptr.dtype.element_ty, (1 << OBITS) - 1, G, OSPIKE, not WHOLE)
         _store_tile(obuf_ptr, ometa_ptr, oidx_ptr, q, mn_r, s_r, lo_r, hi_r, i_lo, i_hi, bad,
                     tl.zeros_like(g).to(tl.int64), g, gmask,
                     orow_bytes, orow_meta, oscale_m, omin_m, olo_m, ohi_m, orow_idx, oilo_i, oihi_i,
-                    G, GB, OBITS, OSPIKE)
+                    G, GB, H, OBITS, OSPIKE)
 
     # Every launch goes through the autotuner (one tile per size bucket, chosen on the GPU on first
     # use). Re-running a launch, as the autotuner does while timing, is harmless: the three kernels
@@ -288,7 +332,7 @@ def _bind(tuned, units: int, G: int, args: tuple, const: dict, config):
         return lambda *lead: kernel(*lead, *args, **kw)
 
     if config is not None:
-        return fixed(triton.Config({"VALS": config[0]}, num_warps=config[1]))
+        return fixed(_config(*config))
     chosen = []
 
     def launch(*lead):
