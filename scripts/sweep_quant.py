@@ -50,7 +50,7 @@ def bench(fn):
         fn()
         return (time.perf_counter() - t) * 1e3
     import triton.testing
-    return triton.testing.do_bench(fn, warmup=5, rep=25, return_mode="median")
+    return triton.testing.do_bench(fn, warmup=5, rep=20, return_mode="median")
 
 
 def same_as_naive(q: QTensor, ref: QTensor) -> tuple[bool, str]:
@@ -76,6 +76,7 @@ def same_as_naive(q: QTensor, ref: QTensor) -> tuple[bool, str]:
 def load_baseline(path):
     spec = importlib.util.spec_from_file_location("catkit_quant_baseline", path)
     mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod  # Triton reads kernel sources through the module
     spec.loader.exec_module(mod)
     return mod
 
@@ -101,7 +102,8 @@ def sweep_case(mb, N, bits, world, dev, baseline, rows):
     # the chunk a rank owns: W quantized copies (here the message's W rows), summed and requantized
     ref_r = naive.quantize(naive.dequantize(ref_q, reduce_rows=True), bits, G, n_valid=c)
     kernels = {
-        "quantize": (N * 2, world * l1.row_bytes),
+        # quantize is the same launch whatever W (rows only move where a group's bytes go): W = 2 only
+        **({"quantize": (N * 2, world * l1.row_bytes)} if world == 2 else {}),
         "reduce_requantize": (world * l1.row_bytes, l1.row_bytes),
         "dequantize": (world * l1.row_bytes, N * 2),
     }
@@ -213,12 +215,21 @@ def main():
     os.makedirs(out_dir, exist_ok=True)
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     card = torch.cuda.get_device_name() if dev == "cuda" else "cpu (interpreter)"
-    say(f"device: {card}; configs (values/warps): {gw.TUNE_CONFIGS}; group {G}; bf16 messages")
+    say(f"device: {card}; configs (values/warps): {gw.TUNE_CONFIGS}; group {G}; bf16 messages"
+        + ("; SMALL: interpreter timings, meaningless" if SMALL else ""))
     t0 = time.time()
     torch.manual_seed(0)
     rows = []
     for case in cases():
         sweep_case(*case, dev, baseline, rows)
+    say("\nbest correct tile per case (vs baseline where given):")
+    for r in rows:
+        if r.get("best"):
+            base = [b for b in rows if b.get("config") == "baseline" and b.get("ms") and
+                    all(b[k] == r[k] for k in ("kernel", "size_mb", "bits", "world"))]
+            vs = f"  baseline {base[0]['ms']:.4f} ms -> {base[0]['ms'] / r['ms']:.2f}x" if base else ""
+            say(f"  {r['kernel']:18s} {r['size_mb']:5g}MB int{r['bits']} W{r['world']}: {r['config']:7s} "
+                f"{r['ms']:.4f} ms {r['frac_hbm']:6.1%} of HBM{vs}")
     try:
         autotuned_and_host(dev, rows)
     except Exception as e:
