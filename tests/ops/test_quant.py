@@ -274,6 +274,7 @@ def _each_tile():
     (8, True, 64, 2, 2 * 2112 - 7),
     (4, True, 128, 1, 128 * 70),            # whole, spikes, 70 groups: a partial last program
     (8, False, 32, 2, 2 * 32 * 150 - 3),    # G = 32: one part a group
+    (4, False, 64, 3, 3 * 64 * 20 - 10),    # int4 codes, masked
 ])
 def test_every_tile_config_writes_the_same_bytes(seed, bits, spike, G, rows, numel):
     from catkit.ops.quant.groupwise import dequantize_launcher, quantize_launcher, reduce_requantize_launcher
