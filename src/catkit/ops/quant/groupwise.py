@@ -139,13 +139,14 @@ if triton is not None:
         # div_rn: Triton's "/" is an approximate division on the GPU; the reference divides exactly
         s_r = (tl.math.div_rn(mx, QMAX) - tl.math.div_rn(mn_r, QMAX)).to(META).to(tl.float32)
         bad = bad | _not_finite(mn_r) | _not_finite(s_r)
-        # A poisoned group gets inv = 0: (x - mn_r) * 0 + 0.5 floors to 0, and a NaN there (x or
+        # A poisoned group gets inv = 0: (x - mn_r) * 0 + 0.5 gives code 0, and a NaN there (x or
         # mn_r not finite) is clamped to 0 by maximum (maxnum on the GPU, fmax in the interpreter),
         # so codes of bad groups are 0 without a per-value select.
         pos = (s_r > 0) & (bad == 0)
         inv = tl.where(pos, tl.math.div_rn(1.0, tl.where(pos, s_r, 1.0)), 0.0)
-        q = tl.floor((x - _e(mn_r)) * _e(inv) + 0.5)
-        q = tl.minimum(tl.maximum(q, 0.0), QMAX)
+        # clamp(floor(y), 0, QMAX) == trunc(clamp(y, 0, QMAX)): floor is monotone, the bounds are
+        # integers and trunc == floor on y >= 0; the int conversion truncates, so no FRND a value
+        q = tl.minimum(tl.maximum((x - _e(mn_r)) * _e(inv) + 0.5, 0.0), QMAX)
         if SPIKE or MASKED:  # absent values and spike positions get code 0
             q = tl.where(rest, q, 0.0)
         return q.to(tl.int32), mn_r, s_r, lo_r, hi_r, i_lo, i_hi, bad
