@@ -35,7 +35,7 @@ _FLOAT_IN = (torch.float32, torch.float16, torch.bfloat16)
 # ~3 bytes a value at 4.8 TB/s affords ~0.65: it was issue-bound, not memory-bound. The per-group
 # work (three exact divisions, metadata, shuffles) was redone by each of the 16 threads sharing a
 # group for only 8 values each. Bigger tiles with the [H, GB, P] split below give each thread more
-# values of fewer groups (4096 values / 4 warps: 0.68 warp-instructions a value; 8192: 0.53).
+# values of fewer groups (4096 values / 4 warps: 0.65 warp-instructions a value; 8192: 0.50).
 TUNE_CONFIGS = ((1024, 4), (2048, 4), (4096, 4), (8192, 4), (2048, 8), (4096, 8), (8192, 8))
 
 
