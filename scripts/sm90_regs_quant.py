@@ -8,7 +8,7 @@ and prints per kernel variant: REG / STACK (cuobjdump), the global loads / store
 width (``ld.global.v4.b32`` = 16 bytes), and how many layout conversions (``convert_layout``, a
 trip through shared memory or shuffles) the TTGIR kept. Estimates only: the GPU's Triton (3.6)
 may differ by a few registers; timings are the truth (scripts/sweep_quant.py).
-Method as scripts/sm90_regs_delta_fwd.py. Filter: substring of the printed variant name.
+Method as scripts/sm90_regs_delta.py. Filter: substring of the printed variant name.
 """
 import os
 import re
