@@ -12,14 +12,9 @@
 # Steps run in the order above, each under min(its own limit, what is left of TOTAL); every step
 # runs even if an earlier one failed; exit 1 if any failed. fla wheels come from $WHL_DIR, else
 # .whl/ here or ../.whl/; without them the fla rows are missing.
-# If fwd_kernels or gpu_tests flag the forward, fwd_kernels.log names the first wrong intermediate:
-#   P (or T with P fine) -> chunk_intra: 76d7886 (its P store cast is in 61e9084: revert that first)
-#   T only               -> chunk_tsolve: ba40a6b (also the chunk_prep split)
-#   W / QG / KD          -> chunk_prep: ba40a6b
-#   vn / h / final       -> chunk_fwd_state: STATE_PREFETCH = False in chunk_fwd.py (db8d2c0,
-#                           d005022, deae663), then 95a3a39 (BV = 16 first at low parallelism)
-#   o only, bf16 only    -> P / Vn stored in bf16: 61e9084
-# Each revert is small; later commits touch other lines except where noted.
+# If fwd_kernels or gpu_tests flag the forward, fwd_kernels.log names the first wrong intermediate
+# and so the kernel: G -> chunk_cumsum, P (or A / T with P fine) -> chunk_intra, T only ->
+# chunk_tsolve, W / QG / KD -> chunk_prep, vn / h / final -> chunk_fwd_state, o only -> chunk_fwd_o.
 set -uo pipefail
 out=${1:-${OUT:?usage: gpu_verify_delta.sh OUT_DIR}}
 cd "$(dirname "$0")/.."

@@ -4,7 +4,7 @@ Usage (GPU): PYTHONPATH=src python3 scripts/sweep_delta_intra.py OUT_DIR
       (CPU):  PYTHONPATH=src SMALL=1 python3 scripts/sweep_delta_intra.py OUT_DIR   (or --small;
               runs under TRITON_INTERPRET=1 with tiny shapes, wall-clock times)
 
-For every option of ``chunk_fwd.intra_sweep_options`` (BKS 16/32 x 2/4/8 warps x FAST_EXP on/off;
+For every option of ``sweep_options`` below (BKS 16/32 x 2/4/8 warps x FAST_EXP on/off;
 the first is the baseline the others are compared with):
   * correctness: bf16 inputs on packed odd-length sequences (300, 77, 1000 tokens; H = 16,
     K = 128), mild and x30 decay, A / P / diagonal inverses against an fp64 PyTorch reference;
@@ -34,6 +34,7 @@ import triton  # noqa: E402
 
 import catkit.ops.delta_rule.chunk_fwd as cf  # noqa: E402
 from catkit.ops.delta_rule.chunk import prepare_chunks  # noqa: E402
+from catkit.utils.triton_utils import interpreted  # noqa: E402
 
 BT, BC = 64, 16
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
@@ -44,6 +45,13 @@ else:
     H, K, SHAPES, CHECK_LENS, CHECK_H = 16, 128, [(2048, 16), (32768, 1)], [300, 77, 1000], 16
 BK = max(16, triton.next_power_of_2(K))
 BOUND = {torch.float32: 1e-5, torch.bfloat16: 5e-3}
+
+
+def sweep_options():
+    """Every (BKS, num_warps, FAST_EXP) this sweep times."""
+    fast = (False,) if interpreted() else (True, False)  # the PTX exp exists only compiled
+    return [dict(BKS=b, NK=triton.cdiv(K, b), FAST_EXP=f, num_warps=w, num_stages=1)
+            for f in fast for b in (16, 32) for w in (2, 4, 8)]
 
 
 def inputs(lens, nh, dtype, decay=1.0, seed=0):
@@ -140,7 +148,7 @@ def main():
     if out_dir is None:
         sys.exit(__doc__)
     t_start = time.time()
-    opts = cf.intra_sweep_options(BK, K)
+    opts = sweep_options()
     base = opts[0]
     if SMALL:  # the interpreter ignores num_warps
         opts = [o for o in opts if o["num_warps"] == 4]

@@ -4,6 +4,7 @@ against fp64 PyTorch, on packed odd-length sequences, with mild and strong decay
 import pytest
 import torch
 import torch.nn.functional as F
+import triton
 
 import catkit.ops.delta_rule.chunk_fwd as cf
 from catkit.ops.delta_rule.chunk import prepare_chunks
@@ -18,7 +19,7 @@ def run_intra(q, k, g, meta, opt):
     """G from chunk_cumsum (as chunk_fwd makes it), then chunk_intra with the one option ``opt``."""
     NTOK, H, K = q.shape
     NT = meta["chunk_indices"].shape[0]
-    BK = max(16, triton_pow2(K))
+    BK = max(16, triton.next_power_of_2(K))
     ci, cu = meta["chunk_indices"], meta["cu_seqlens"]
     G = torch.empty(NTOK, H, K, dtype=torch.float32)
     cf.chunk_cumsum_kernel[(NT, H)](g, G, ci, cu, H=H, K=K, BT=BT, BK=BK, G_SCALAR=False,
@@ -29,10 +30,6 @@ def run_intra(q, k, g, meta, opt):
     cf.chunk_intra_kernel[(NT, H, BT // BC)](q, k, G, A, P, Tm, ci, cu, H=H, K=K, BT=BT, BC=BC,
                                              DOT_PREC=pr["DOT_PREC"], INV_PREC=pr["INV_PREC"], **opt)
     return A, P, Tm
-
-
-def triton_pow2(n):
-    return 1 << (n - 1).bit_length()
 
 
 def reference(q, k, g, cu):

@@ -550,13 +550,6 @@ def intra_options(BK, K):
             for st in _stages() for b, w in ((32, 2), (16, 2), (16, 4), (32, 4))]
 
 
-def intra_sweep_options(BK, K):
-    """Every (BKS, num_warps, FAST_EXP) scripts/sweep_delta_intra.py times."""
-    fast = (False,) if interpreted() else (True, False)  # the PTX exp exists only compiled
-    return [dict(BKS=b, NK=triton.cdiv(K, b), FAST_EXP=f, num_warps=w, num_stages=1)
-            for f in fast for b in (16, 32) for w in (2, 4, 8)]
-
-
 def prep_options(K, V):
     """(BKS, num_warps, num_stages) for chunk_prep: column block width (programs per chunk and
     head = max(K, V) / BKS)."""
