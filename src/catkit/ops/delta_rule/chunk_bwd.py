@@ -142,17 +142,40 @@ def chunk_bwd_dap_kernel(k, v, G, Tm, vn, h, do, dvn, dv, dA, dP, chunk_indices,
 
 
 @triton.jit
+def _mmr(a, b, RND: tl.constexpr, NATIVE: tl.constexpr, DOT_PREC: tl.constexpr):
+    # RND: bf16 operands, fp32 accumulation (native bf16 tensor-core products; the CPU
+    # interpreter, whose bf16 dot is wrong, gets the same rounding through exact fp32 products).
+    if RND:
+        if NATIVE:
+            return tl.dot(a.to(tl.bfloat16), b.to(tl.bfloat16))
+        else:
+            return tl.dot(a.to(tl.bfloat16).to(tl.float32), b.to(tl.bfloat16).to(tl.float32),
+                          input_precision="ieee")
+    else:
+        return tl.dot(a, b, input_precision=DOT_PREC)
+
+
+@triton.jit
 def chunk_bwd_dqkg_inter_kernel(q, k, G, Tm, vn, h, dh, do, dvn, dA, dP, dq0, dk0, dg,
                                 chunk_indices, cu_seqlens, scale,
                                 H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr,
                                 BC: tl.constexpr, BKS: tl.constexpr, BV: tl.constexpr,
-                                OP_BF16: tl.constexpr, DOT_PREC: tl.constexpr):
+                                OP_BF16: tl.constexpr, DOT_PREC: tl.constexpr,
+                                SPLIT: tl.constexpr = 0, AP_BF16: tl.constexpr = 0):
     # dq, dk~, dG of everything but the diagonal 16x16 blocks of A and P, per (block of BKS key
     # channels, chunk, head): the V loop with the states (dW = -dVn S^T, dKd = Vn dS_C^T,
     # dQ = dO S^T, dG_C), dKg = T^T dW, then the blocks of A and P below the diagonal (tensor-core
     # products). Writes the partial dq, dk~ (fp32 scratch) and dG (into dg) that
     # chunk_bwd_dqkg_intra completes. The key block is the fastest grid axis, so the programs
     # sharing a chunk's Vn, dVn, dO, T, dA, dP run together and find them in L2.
+    # Variants (same math; the sweep scripts/sweep_delta_bwd_variants.py picks one):
+    #   SPLIT 0: per column block b, four [BT, BT] x [BT, BKS] products on the whole dA / dP tiles
+    #            (rows or columns outside the block pair masked to zero);
+    #   SPLIT 1: per step b, four [BT, BC] x [BC, BKS] products on slices of dA / dP read from
+    #            memory (L2): a quarter of the MMA work and no [BT, BT] tile in registers.
+    #   AP_BF16 (bf16 inputs only): 1 rounds the operands of the dP products to bf16 (the forward
+    #            rounds P itself to bf16 and multiplies it in bf16), 2 also those of the dA products
+    #            (A and T are tf32 in the forward: below its precision, a sweep candidate only).
     i_k, i_t, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     t0, eos = _seq_bounds(chunk_indices, cu_seqlens, i_t, BT)
     rows = tl.arange(0, BT)
@@ -202,28 +225,70 @@ def chunk_bwd_dqkg_inter_kernel(q, k, G, Tm, vn, h, dh, do, dvn, dA, dP, dq0, dk
 
     # Blocks of A and P below the diagonal (sub-chunk blocks): P_ij and A_ij hold exp(G_ic - G_jc)
     # per channel, factored through the last row r of column block b, exp(G_i - G_r) (F, rows
-    # below block b) times exp(G_r - G_j) (Rf, rows of block b), both exponents <= 0 (see
-    # chunk_prep). F and Rf occupy disjoint rows and share one exp. dP feeds dq and, with dA, the
-    # dk~ of the rows j of block b (gathered over the rows i below it); dA feeds dk~.
+    # below block b) times exp(G_r - G_j) (rows up to block b), both exponents <= 0 (see
+    # chunk_prep); the two sides occupy disjoint rows and share one exp. dP feeds dq and, with dA,
+    # the dk~ of the rows j (gathered over the rows i below them); dA feeds dk~.
     NS: tl.constexpr = BT // BC
+    RP: tl.constexpr = (AP_BF16 >= 1) & (q.dtype.element_ty == tl.bfloat16)
+    RA: tl.constexpr = (AP_BF16 >= 2) & (q.dtype.element_ty == tl.bfloat16)
     rb = rows // BC
     if NS > 1:
-        b_dA = tl.load(dA + offc, mask=valid[:, None], other=0.0)
-        b_dP = tl.load(dP + offc, mask=valid[:, None], other=0.0)
-        for b in range(0, NS - 1):
-            r_ref = tl.minimum(t0 + b * BC + BC - 1, eos - 1)
-            G_r = tl.load(G + r_ref * (H * K) + i_h * K + ck, mask=ck < K, other=0.0)
-            lm = (rb > b)[:, None] & m
-            rm = (rb == b)[:, None] & m
-            e = tl.exp(tl.where(lm, b_G - G_r[None, :], tl.where(rm, G_r[None, :] - b_G, 0.0)))
-            F = tl.where(lm, e, 0.0)
-            b_kr = tl.where(rm, b_k * e, 0.0)
-            b_dQ += F * tl.dot(b_dP, b_kr, input_precision=DOT_PREC)
-            u = F * tl.dot(b_dA, b_kr, input_precision=DOT_PREC)
-            u_j = tl.where(rm, e, 0.0) * (tl.dot(tl.trans(b_dP), b_q * F, input_precision=DOT_PREC)
-                                          + tl.dot(tl.trans(b_dA), b_k * F, input_precision=DOT_PREC))
-            acc_dk += u + u_j
-            acc_x += u - u_j
+        if SPLIT:
+            # Step b pairs column block b (j) with the rows i below it for dq and the A part of
+            # dk~_i (K = BC: j runs over block b only), and row block a = b + 1 (i) with the rows
+            # j above it for the gather into dk~_j (K = BC: i runs over block a only). Both
+            # through r = last row of block b: every pair i > j of different blocks is met once
+            # on each side (j in block b, resp. i in block b + 1), every exponent is <= 0.
+            c16 = tl.arange(0, BC)
+            for b in range(0, NS - 1):
+                r_ref = tl.minimum(t0 + b * BC + BC - 1, eos - 1)
+                G_r = tl.load(G + r_ref * (H * K) + i_h * K + ck, mask=ck < K, other=0.0)
+                lm = (rb > b)[:, None] & m
+                um = (rb <= b)[:, None] & m
+                e = tl.exp(tl.where(lm, b_G - G_r[None, :], tl.where(um, G_r[None, :] - b_G, 0.0)))
+                F = tl.where(lm, e, 0.0)
+                E = tl.where(um, e, 0.0)
+                tb = t0 + b * BC + c16  # rows of block b; tb + BC: rows of block a
+                mb = (tb < eos)[:, None] & (ck[None, :] < K)
+                ma = ((tb + BC) < eos)[:, None] & (ck[None, :] < K)
+                offb = tb[:, None] * (H * K) + i_h * K + ck[None, :]
+                offa = offb + BC * (H * K)
+                G_b = tl.load(G + offb, mask=mb, other=0.0)
+                kr_b = tl.where(mb, tl.load(k + offb, mask=mb, other=0.0).to(tl.float32)
+                                * tl.exp(tl.where(mb, G_r[None, :] - G_b, 0.0)), 0.0)
+                G_a = tl.load(G + offa, mask=ma, other=0.0)
+                e_a = tl.where(ma, tl.exp(tl.where(ma, G_a - G_r[None, :], 0.0)), 0.0)
+                qF_a = tl.load(q + offa, mask=ma, other=0.0).to(tl.float32) * e_a
+                kF_a = tl.load(k + offa, mask=ma, other=0.0).to(tl.float32) * e_a
+                # [BT, BC] slices: columns of block b (rows below it), and the transposed rows of
+                # block a (columns up to block b)
+                offcb = (t0 + rows)[:, None] * (H * BT) + i_h * BT + b * BC + c16[None, :]
+                mcb = ((rb > b) & valid)[:, None] & (c16 < BC)[None, :]
+                offra = (tb + BC)[None, :] * (H * BT) + i_h * BT + rows[:, None]
+                mra = (rb <= b)[:, None] & ((tb + BC) < eos)[None, :]
+                b_dQ += F * _mmr(tl.load(dP + offcb, mask=mcb, other=0.0), kr_b, RP, OP_BF16, DOT_PREC)
+                u = F * _mmr(tl.load(dA + offcb, mask=mcb, other=0.0), kr_b, RA, OP_BF16, DOT_PREC)
+                u_j = E * (_mmr(tl.load(dP + offra, mask=mra, other=0.0), qF_a, RP, OP_BF16, DOT_PREC)
+                           + _mmr(tl.load(dA + offra, mask=mra, other=0.0), kF_a, RA, OP_BF16, DOT_PREC))
+                acc_dk += u + u_j
+                acc_x += u - u_j
+        else:
+            b_dA = tl.load(dA + offc, mask=valid[:, None], other=0.0)
+            b_dP = tl.load(dP + offc, mask=valid[:, None], other=0.0)
+            for b in range(0, NS - 1):
+                r_ref = tl.minimum(t0 + b * BC + BC - 1, eos - 1)
+                G_r = tl.load(G + r_ref * (H * K) + i_h * K + ck, mask=ck < K, other=0.0)
+                lm = (rb > b)[:, None] & m
+                rm = (rb == b)[:, None] & m
+                e = tl.exp(tl.where(lm, b_G - G_r[None, :], tl.where(rm, G_r[None, :] - b_G, 0.0)))
+                F = tl.where(lm, e, 0.0)
+                b_kr = tl.where(rm, b_k * e, 0.0)
+                b_dQ += F * _mmr(b_dP, b_kr, RP, OP_BF16, DOT_PREC)
+                u = F * _mmr(b_dA, b_kr, RA, OP_BF16, DOT_PREC)
+                u_j = tl.where(rm, e, 0.0) * (_mmr(tl.trans(b_dP), b_q * F, RP, OP_BF16, DOT_PREC)
+                                              + _mmr(tl.trans(b_dA), b_k * F, RA, OP_BF16, DOT_PREC))
+                acc_dk += u + u_j
+                acc_x += u - u_j
     b_dG = b_q * b_dQ + b_k * acc_x
     b_dG += tl.where(rows[:, None] == (last - t0), b_dGl[None, :], 0.0)
     tl.store(dq0 + off, b_dQ, mask=m)
@@ -295,19 +360,56 @@ def chunk_bwd_dqkg_intra_kernel(q, k, G, dA, dP, dq0, dk0, dq, dk, dg, chunk_ind
 
 
 # bf16 tensor-core products (fp32 accumulation) for the V-sized gradient products of the bf16
-# path, as the state kernels use; the products with T, dA and dP stay tf32.
+# path, as the state kernels use; the products with T stay tf32, those with dA and dP too unless
+# an AP_BF16 variant of chunk_bwd_dqkg_inter is chosen.
 BWD_BF16 = True
 
 
+# Fastest correct options of scripts/sweep_delta_bwd_variants.py (its BEST_BWD_OPTION lines), tried
+# before the GPU-verified defaults below; None keeps the default first.
+DQKG_INTER_BEST = None
+DQKG_INTRA_BEST = None
+DAP_BEST = None
+
+
+def _best_first(best, opts, BK=None):
+    # a best option wider than this call's key block would only mask channels: keep the defaults
+    if best is None or (BK is not None and best.get("BKS", 0) > BK):
+        return opts
+    return [dict(best)] + [o for o in opts if o != best]
+
+
 def dqkg_inter_options(BK, K, V):
-    """(BKS, BV, num_warps, num_stages) to try for chunk_bwd_dqkg_inter; the first that compiles
-    runs (``scripts/sweep_delta_bwd.py`` times them all on a GPU). Its [BT, BT] dA, dP and T tiles
-    leave room for 32 key channels at 8 warps (sm_90 ptxas, K = V = 128: about 235 registers,
-    no spills; 64 channels spill)."""
+    """(BKS, BV, SPLIT, AP_BF16, num_warps, num_stages[, maxnreg]) to try for
+    chunk_bwd_dqkg_inter; the first that compiles runs. SPLIT 0 at 32 key channels and 8 warps:
+    about 234 registers on sm_90a (K = V = 128, no spills; 64 channels spill)."""
     top = min(32, BK)
     bvs = sorted({vtile_options(V)[0]["BV"], 16}, reverse=True)
-    return [dict(BKS=b, BV=bv, num_warps=w, num_stages=st) for st in _stages()
+    opts = [dict(BKS=b, BV=bv, SPLIT=0, AP_BF16=0, num_warps=w, num_stages=st) for st in _stages()
             for b in sorted({top, 16}, reverse=True) for bv in bvs for w in (8, 4)]
+    return _best_first(DQKG_INTER_BEST, opts, BK)
+
+
+def dqkg_inter_sweep_options(BK, K, V):
+    """Every (variant, launch option) scripts/sweep_delta_bwd_variants.py times, most promising
+    first (it stops at its time budget); the first is today's default. sm_90a estimates (Triton
+    3.9 ptxas, K = V = 128, bf16): SPLIT 0 32/32/8 warps 234 regs; SPLIT 1 32/32/8 166, 32/64/8
+    149, and 128 with 24 bytes of stack under maxnreg 128 (two programs an SM), 16/32/4 144."""
+    top = min(32, BK)
+    bv2 = min(64, max(16, triton.next_power_of_2(V)))
+    first = dqkg_inter_options(BK, K, V)[0]
+    st = first["num_stages"]
+    opts = [first]
+    for split, ap, b, bv, w, mx in ((1, 0, top, bv2, 8, 128), (1, 0, top, 32, 8, 0), (1, 1, top, bv2, 8, 128),
+                                    (1, 1, top, 32, 8, 0), (1, 2, top, bv2, 8, 128), (0, 1, top, 32, 8, 0),
+                                    (1, 0, top, bv2, 8, 0), (1, 0, 16, 32, 4, 0), (1, 1, 16, 32, 4, 0),
+                                    (0, 0, top, 32, 8, 128), (1, 0, min(64, BK), bv2, 8, 0),
+                                    (1, 2, top, 32, 8, 0), (0, 0, top, bv2, 8, 0), (1, 0, 16, 32, 4, 168)):
+        o = dict(BKS=b, BV=min(bv, max(16, triton.next_power_of_2(V))), SPLIT=split, AP_BF16=ap,
+                 num_warps=w, num_stages=st, **(dict(maxnreg=mx) if mx else {}))
+        if o not in opts:
+            opts.append(o)
+    return opts
 
 
 def dqkg_intra_options(BK, K):
@@ -317,7 +419,13 @@ def dqkg_intra_options(BK, K):
             for b in sorted({min(32, BK), 16}, reverse=True) for w in (8, 4)]
     if BK >= 64:
         opts += [dict(BKS=64, num_warps=8, num_stages=st) for st in _stages()]
-    return opts
+    return _best_first(DQKG_INTRA_BEST, opts, BK)
+
+
+def dap_options(V):
+    """(BV, num_warps, num_stages) to try for chunk_bwd_dap (its [BT, BT] dT, dP and T tiles:
+    about 201 registers at BV = 32, 8 warps)."""
+    return _best_first(DAP_BEST, vtile_options(V))
 
 
 def chunk_bwd(q, k, v, saved, do, dht, scale, meta, need_dh0):
@@ -351,7 +459,7 @@ def chunk_bwd(q, k, v, saved, do, dht, scale, meta, need_dh0):
     launch(chunk_bwd_dap_kernel, lambda opt: (NT, H),
            (k, v, G, Tm, vn, h, do, dvn, dv, dA, dP, ci, cu, scale),
            dict(H=H, K=K, V=V, BT=BT, BK=BK, OP_BF16=pr["OP_BF16"] and BWD_BF16, DOT_PREC=prec),
-           vtile_options(V))
+           dap_options(V))
     dq = torch.empty_like(q)
     dk = torch.empty_like(k)
     dg = torch.empty(NTOK, H, K, device=dev, dtype=torch.float32)
