@@ -17,7 +17,9 @@ with spills on sm_90, one program per SM): ``chunk_bwd_dqkg_inter`` does all the
 (the V loop with the states, T^T dW, the sub-chunk blocks of A and P below the diagonal) and writes
 partial dq, dk~ (fp32 scratch) and dG; ``chunk_bwd_dqkg_intra`` adds the diagonal 16x16 blocks
 (per-pair exponents, a latency-bound elementwise loop at about 80 registers, several programs per
-SM) and writes dq, dk~ and dg.
+SM) and writes dq, dk~ and dg. Both carry variants behind constexpr switches (same math, other
+products; dqkg_inter: SPLIT, AP_BF16; dqkg_intra: DIAG) that scripts/sweep_delta_bwd_variants.py
+times; its winners go into DQKG_INTER_BEST / DQKG_INTRA_BEST / DAP_BEST.
 """
 
 from __future__ import annotations
@@ -299,11 +301,14 @@ def chunk_bwd_dqkg_inter_kernel(q, k, G, Tm, vn, h, dh, do, dvn, dA, dP, dq0, dk
 @triton.jit
 def chunk_bwd_dqkg_intra_kernel(q, k, G, dA, dP, dq0, dk0, dq, dk, dg, chunk_indices, cu_seqlens,
                                 H: tl.constexpr, K: tl.constexpr, BT: tl.constexpr,
-                                BC: tl.constexpr, BKS: tl.constexpr):
+                                BC: tl.constexpr, BKS: tl.constexpr, DOT_PREC: tl.constexpr = "ieee",
+                                DIAG: tl.constexpr = 0):
     # The diagonal 16x16 blocks of A and P, per (block of BKS key channels, chunk, head), then the
-    # final dq, dk~ and dg. Per-pair exponents make this a latency-bound elementwise loop; with
-    # no products and no [BT, BT] tiles it needs few registers (q, k, G and three accumulators),
-    # so several programs share an SM to hide the latency of its gathered loads.
+    # final dq, dk~ and dg. DIAG 0: per-pair exponents make this a latency-bound elementwise loop;
+    # with no products and no [BT, BT] tiles it needs few registers (q, k, G and three
+    # accumulators), so several programs share an SM to hide the latency of its gathered loads.
+    # DIAG 1: chunk_intra's recursive reference rows (forward) on tensor cores instead: 4 levels of
+    # four masked [BT, BT] x [BT, BKS] products, a quarter of the exps, [BT, BT] dA / dP tiles.
     i_k, i_t, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     t0, eos = _seq_bounds(chunk_indices, cu_seqlens, i_t, BT)
     rows = tl.arange(0, BT)
@@ -317,36 +322,114 @@ def chunk_bwd_dqkg_intra_kernel(q, k, G, dA, dP, dq0, dk0, dq, dk, dg, chunk_ind
     b_q = tl.load(q + off, mask=m, other=0.0).to(tl.float32)
     b_G = tl.load(G + off, mask=m, other=0.0)
 
-    # One row l of every 16-row block per step (row r of the tile pairs with row
-    # l(r) = block(r) * BC + l). With l as the column j: dq_i, dk_i (via A) gather over j <= i;
-    # with l as the row i: dk_j gathers over i >= j. Both are plain elementwise updates of
-    # [BT, BKS] tiles, with per-pair exponents that are <= 0; the two triangles share one exp.
-    b_dqP = tl.zeros([BT, BKS], dtype=tl.float32)
-    b_dkA = tl.zeros([BT, BKS], dtype=tl.float32)
-    b_dkJ = tl.zeros([BT, BKS], dtype=tl.float32)
-    off0 = off - (rl * (H * K))[:, None]  # row block(r) * BC of every tile row
-    for l in range(0, BC):
-        lr = rb * BC + l
-        lm = ((t0 + lr) < eos)[:, None] & (ck[None, :] < K)
-        offl = off0 + l * (H * K)
-        k_l = tl.load(k + offl, mask=lm, other=0.0).to(tl.float32)
-        q_l = tl.load(q + offl, mask=lm, other=0.0).to(tl.float32)
-        G_l2 = tl.load(G + offl, mask=lm, other=0.0)
-        # dP[r, l(r)], dA[r, l(r)] and dP[l(r), r], dA[l(r), r] straight from memory
-        offm = (t0 + rows) * (H * BT) + i_h * BT + lr
-        offt = (t0 + lr) * (H * BT) + i_h * BT + rows
-        vt = valid & ((t0 + lr) < eos)
-        mP = tl.load(dP + offm, mask=valid, other=0.0)
-        mA = tl.load(dA + offm, mask=valid, other=0.0)
-        tP = tl.load(dP + offt, mask=vt, other=0.0)
-        tA = tl.load(dA + offt, mask=vt, other=0.0)
-        lo = (rl >= l)[:, None] & m
-        up = (rl <= l)[:, None] & m & lm
-        e = tl.exp(tl.where(lo, b_G - G_l2, tl.where(up, G_l2 - b_G, 0.0)))
-        kE = tl.where(lo, k_l * e, 0.0)
-        b_dqP += mP[:, None] * kE
-        b_dkA += mA[:, None] * kE
-        b_dkJ += tl.where(up, (tP[:, None] * q_l + tA[:, None] * k_l) * e, 0.0)
+    if DIAG == 2:
+        # DIAG 1 per 16-row block: [BT / BC] batches of [BC, BC] x [BC, BKS] products (3-D dot),
+        # a quarter of DIAG 1's MMA work and operand registers.
+        NB: tl.constexpr = BT // BC
+        ib = tl.arange(0, NB)[:, None, None]
+        ii = tl.arange(0, BC)[None, :, None]
+        jj = tl.arange(0, BC)[None, None, :]
+        cc = ck[None, None, :]
+        r3 = t0 + ib * BC + ii  # [NB, BC, 1] token of row ii of block ib
+        v3 = r3 < eos
+        m3 = v3 & (cc < K)
+        off3 = r3 * (H * K) + i_h * K + cc
+        k3 = tl.load(k + off3, mask=m3, other=0.0).to(tl.float32)
+        q3 = tl.load(q + off3, mask=m3, other=0.0).to(tl.float32)
+        G3 = tl.load(G + off3, mask=m3, other=0.0)
+        pd3 = tl.load(dP + r3 * (H * BT) + i_h * BT + ib * BC + ii, mask=v3, other=0.0)
+        dqP3 = pd3 * k3
+        dkA3 = tl.zeros([NB, BC, BKS], dtype=tl.float32)
+        dkJ3 = pd3 * q3
+        offc3 = r3 * (H * BT) + i_h * BT + ib * BC + jj  # [b, i, j]: entry (i, j) of block b
+        offT3 = (t0 + ib * BC + jj) * (H * BT) + i_h * BT + ib * BC + ii  # [b, j, i]: entry (i, j)
+        vj3 = (t0 + ib * BC + jj) < eos
+        for lv in range(0, 4):
+            S = BC >> lv
+            if S >= 2:
+                rr3 = t0 + ib * BC + (ii // S) * S + S // 2 - 1
+                G_rr3 = tl.load(G + rr3 * (H * K) + i_h * K + cc, mask=(rr3 < eos) & (cc < K), other=0.0)
+                E3 = tl.where(m3, tl.exp(-tl.abs(G3 - G_rr3)), 0.0)
+                lo3 = (ii % S) >= S // 2
+                same3 = (ii // S) == (jj // S)
+                pair3 = same3 & lo3 & ((jj % S) < S // 2) & v3
+                pairT3 = same3 & ((ii % S) < S // 2) & ((jj % S) >= S // 2) & vj3
+                kE_up3 = tl.where(lo3, 0.0, k3 * E3)
+                dqP3 += E3 * tl.dot(tl.load(dP + offc3, mask=pair3, other=0.0), kE_up3, input_precision=DOT_PREC)
+                dkA3 += E3 * tl.dot(tl.load(dA + offc3, mask=pair3, other=0.0), kE_up3, input_precision=DOT_PREC)
+                dkJ3 += E3 * (tl.dot(tl.load(dP + offT3, mask=pairT3, other=0.0), tl.where(lo3, q3 * E3, 0.0),
+                                     input_precision=DOT_PREC)
+                              + tl.dot(tl.load(dA + offT3, mask=pairT3, other=0.0), tl.where(lo3, k3 * E3, 0.0),
+                                       input_precision=DOT_PREC))
+        b_dqP = tl.reshape(dqP3, (BT, BKS))
+        b_dkA = tl.reshape(dkA3, (BT, BKS))
+        b_dkJ = tl.reshape(dkJ3, (BT, BKS))
+    elif DIAG:
+        cols = tl.arange(0, BT)
+        offc = (t0 + rows)[:, None] * (H * BT) + i_h * BT + cols[None, :]
+        offT = (t0 + cols)[None, :] * (H * BT) + i_h * BT + rows[:, None]  # [j, i] holds entry (i, j)
+        vcol = (t0 + cols) < eos
+        # i == j: exp(0) = 1 (A's diagonal is zero, dA's too)
+        pd = tl.load(dP + (t0 + rows) * (H * BT) + i_h * BT + rows, mask=valid, other=0.0)
+        b_dqP = pd[:, None] * b_k
+        b_dkA = tl.zeros([BT, BKS], dtype=tl.float32)
+        b_dkJ = pd[:, None] * b_q
+        # Pairs i > j of one 16-row block: at level S = BC, BC/2, ..., 2 those with i in the lower
+        # and j in the upper half of the same S-block, through r = last row of that upper half:
+        # exp(G_i - G_r) exp(G_r - G_j), both -|G_t - G_r| <= 0, one exp tile for both sides.
+        # Each level reads its few entries of dA / dP (and their transposes) from L1/L2 rather
+        # than masking [BT, BT] tiles held in registers, and the levels form a real loop: unrolled
+        # (or with the tiles in registers), all levels' [BT, BT] operands are live at once and
+        # spill (255 registers, sm_90a estimate).
+        for lv in range(0, 4):
+            S = BC >> lv
+            if S >= 2:
+                rr = t0 + (rows // S) * S + S // 2 - 1
+                G_rr = tl.load(G + rr[:, None] * (H * K) + i_h * K + ck[None, :],
+                               mask=(rr < eos)[:, None] & (ck[None, :] < K), other=0.0)
+                E = tl.where(m, tl.exp(-tl.abs(b_G - G_rr)), 0.0)
+                lo = (rows % S) >= S // 2
+                same = (rows // S)[:, None] == (cols // S)[None, :]
+                pair = same & (lo & valid)[:, None] & ((cols % S) < S // 2)[None, :]
+                pairT = same & ((rows % S) < S // 2)[:, None] & (((cols % S) >= S // 2) & vcol)[None, :]
+                kE_up = tl.where(lo[:, None], 0.0, b_k * E)
+                b_dqP += E * tl.dot(tl.load(dP + offc, mask=pair, other=0.0), kE_up, input_precision=DOT_PREC)
+                b_dkA += E * tl.dot(tl.load(dA + offc, mask=pair, other=0.0), kE_up, input_precision=DOT_PREC)
+                b_dkJ += E * (tl.dot(tl.load(dP + offT, mask=pairT, other=0.0), tl.where(lo[:, None], b_q * E, 0.0),
+                                     input_precision=DOT_PREC)
+                              + tl.dot(tl.load(dA + offT, mask=pairT, other=0.0), tl.where(lo[:, None], b_k * E, 0.0),
+                                       input_precision=DOT_PREC))
+    else:
+        # One row l of every 16-row block per step (row r of the tile pairs with row
+        # l(r) = block(r) * BC + l). With l as the column j: dq_i, dk_i (via A) gather over j <= i;
+        # with l as the row i: dk_j gathers over i >= j. Both are plain elementwise updates of
+        # [BT, BKS] tiles, with per-pair exponents that are <= 0; the two triangles share one exp.
+        b_dqP = tl.zeros([BT, BKS], dtype=tl.float32)
+        b_dkA = tl.zeros([BT, BKS], dtype=tl.float32)
+        b_dkJ = tl.zeros([BT, BKS], dtype=tl.float32)
+        off0 = off - (rl * (H * K))[:, None]  # row block(r) * BC of every tile row
+        for l in range(0, BC):
+            lr = rb * BC + l
+            lm = ((t0 + lr) < eos)[:, None] & (ck[None, :] < K)
+            offl = off0 + l * (H * K)
+            k_l = tl.load(k + offl, mask=lm, other=0.0).to(tl.float32)
+            q_l = tl.load(q + offl, mask=lm, other=0.0).to(tl.float32)
+            G_l2 = tl.load(G + offl, mask=lm, other=0.0)
+            # dP[r, l(r)], dA[r, l(r)] and dP[l(r), r], dA[l(r), r] straight from memory
+            offm = (t0 + rows) * (H * BT) + i_h * BT + lr
+            offt = (t0 + lr) * (H * BT) + i_h * BT + rows
+            vt = valid & ((t0 + lr) < eos)
+            mP = tl.load(dP + offm, mask=valid, other=0.0)
+            mA = tl.load(dA + offm, mask=valid, other=0.0)
+            tP = tl.load(dP + offt, mask=vt, other=0.0)
+            tA = tl.load(dA + offt, mask=vt, other=0.0)
+            lo = (rl >= l)[:, None] & m
+            up = (rl <= l)[:, None] & m & lm
+            e = tl.exp(tl.where(lo, b_G - G_l2, tl.where(up, G_l2 - b_G, 0.0)))
+            kE = tl.where(lo, k_l * e, 0.0)
+            b_dqP += mP[:, None] * kE
+            b_dkA += mA[:, None] * kE
+            b_dkJ += tl.where(up, (tP[:, None] * q_l + tA[:, None] * k_l) * e, 0.0)
 
     b_dq = tl.load(dq0 + off, mask=m, other=0.0) + b_dqP
     b_dk = tl.load(dk0 + off, mask=m, other=0.0) + b_dkA + b_dkJ
@@ -403,8 +486,7 @@ def dqkg_inter_sweep_options(BK, K, V):
     for split, ap, b, bv, w, mx in ((1, 0, top, bv2, 8, 128), (1, 0, top, 32, 8, 0), (1, 1, top, bv2, 8, 128),
                                     (1, 1, top, 32, 8, 0), (1, 2, top, bv2, 8, 128), (0, 1, top, 32, 8, 0),
                                     (1, 0, top, bv2, 8, 0), (1, 0, 16, 32, 4, 0), (1, 1, 16, 32, 4, 0),
-                                    (0, 0, top, 32, 8, 128), (1, 0, min(64, BK), bv2, 8, 0),
-                                    (1, 2, top, 32, 8, 0), (0, 0, top, bv2, 8, 0), (1, 0, 16, 32, 4, 168)):
+                                    (1, 0, min(64, BK), bv2, 8, 0), (1, 0, 16, 32, 4, 168)):
         o = dict(BKS=b, BV=min(bv, max(16, triton.next_power_of_2(V))), SPLIT=split, AP_BF16=ap,
                  num_warps=w, num_stages=st, **(dict(maxnreg=mx) if mx else {}))
         if o not in opts:
@@ -413,13 +495,29 @@ def dqkg_inter_sweep_options(BK, K, V):
 
 
 def dqkg_intra_options(BK, K):
-    """(BKS, num_warps, num_stages) to try for chunk_bwd_dqkg_intra (about 80 registers at 32
-    channels and 8 warps, so three programs fit an SM); the first that compiles runs."""
-    opts = [dict(BKS=b, num_warps=w, num_stages=st) for st in _stages()
+    """(BKS, DIAG, num_warps, num_stages) to try for chunk_bwd_dqkg_intra (DIAG 0: about 80
+    registers at 32 channels and 8 warps, so three programs fit an SM); the first that compiles
+    runs."""
+    opts = [dict(BKS=b, DIAG=0, num_warps=w, num_stages=st) for st in _stages()
             for b in sorted({min(32, BK), 16}, reverse=True) for w in (8, 4)]
     if BK >= 64:
-        opts += [dict(BKS=64, num_warps=8, num_stages=st) for st in _stages()]
+        opts += [dict(BKS=64, DIAG=0, num_warps=8, num_stages=st) for st in _stages()]
     return _best_first(DQKG_INTRA_BEST, opts, BK)
+
+
+def dqkg_intra_sweep_options(BK, K):
+    """The default, then DIAG 2 / 1 (tensor-core diagonal blocks) and other widths, most promising
+    first. sm_90a estimates (K = 128, bf16): DIAG 0 32/8 warps 80 regs, 16/8 58; DIAG 2 32/8 165,
+    16/4 166, 32/4 255 (8 bytes of stack); DIAG 1 32/8 213, 16/4 247."""
+    first = dqkg_intra_options(BK, K)[0]
+    st = first["num_stages"]
+    opts = [first]
+    for d, b, w in ((2, min(32, BK), 8), (2, 16, 4), (2, min(32, BK), 4), (1, min(32, BK), 8), (0, 16, 8),
+                    (2, 16, 8), (0, min(32, BK), 4), (1, 16, 4), (2, min(64, BK), 8), (0, min(64, BK), 8)):
+        o = dict(BKS=b, DIAG=d, num_warps=w, num_stages=st)
+        if o not in opts:
+            opts.append(o)
+    return opts
 
 
 def dap_options(V):
@@ -473,5 +571,5 @@ def chunk_bwd(q, k, v, saved, do, dht, scale, meta, need_dh0):
            dqkg_inter_options(BK, K, V))
     launch(chunk_bwd_dqkg_intra_kernel, lambda opt: (triton.cdiv(K, opt["BKS"]), NT, H),
            (q, k, G, dA, dP, dq0, dk0, dq, dk, dg, ci, cu),
-           dict(H=H, K=K, BT=BT, BC=min(16, BT)), dqkg_intra_options(BK, K))
+           dict(H=H, K=K, BT=BT, BC=min(16, BT), DOT_PREC=prec), dqkg_intra_options(BK, K))
     return dq, dk, dv, dg, (dh0 if need_dh0 else None)
