@@ -112,7 +112,8 @@ def option_lists():
         for n, opts in lists.items():
             keep = {}
             for o in opts:
-                keep.setdefault(tuple((k, v) for k, v in o.items() if k not in ("num_warps", "num_stages", "maxnreg")), o)
+                what = tuple((k, v) for k, v in o.items() if k not in ("num_warps", "num_stages", "maxnreg"))
+                keep.setdefault(what, o)
             lists[n] = list(keep.values())
     return lists
 

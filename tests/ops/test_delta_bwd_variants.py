@@ -38,7 +38,8 @@ def _fwd_bwd(fn, x, cu, **kw):
     o, s = fn(xs["q"], xs["k"], xs["v"], xs["g"], xs["bk"], xs["bv"], initial_state=xs["s0"],
               output_final_state=True, cu_seqlens=cu, **kw)
     gen = torch.Generator().manual_seed(7)
-    loss = (o.float() * torch.randn(o.shape, generator=gen)).sum() + (s * torch.randn(s.shape, generator=gen)).sum()
+    loss = (o.float() * torch.randn(o.shape, generator=gen)).sum()
+    loss = loss + (s * torch.randn(s.shape, generator=gen)).sum()
     return dict(zip(NAMES, torch.autograd.grad(loss, [xs[n] for n in NAMES])))
 
 
@@ -89,7 +90,8 @@ def test_dqkg_intra_diag_matches_naive(seed, monkeypatch, case):
     ref = _fwd_bwd(naive_fg2_delta_rule, x, cu)
     base = None
     for diag in (0, 1, 2):
-        monkeypatch.setattr(cb, "dqkg_intra_options", lambda *a, d=diag: [dict(BKS=16, DIAG=d, num_warps=4, num_stages=1)])
+        opt = dict(BKS=16, DIAG=diag, num_warps=4, num_stages=1)
+        monkeypatch.setattr(cb, "dqkg_intra_options", lambda *a, o=opt: [o])
         got = _fwd_bwd(chunk_fg2_delta_rule, x, cu, chunk_size=BT)
         for n in NAMES:
             err = rel_rms(got[n].float(), ref[n].float())

@@ -231,8 +231,8 @@ def chunk_bwd_dqkg_inter_kernel(q, k, G, Tm, vn, h, dh, do, dvn, dA, dP, dq0, dk
     # chunk_prep); the two sides occupy disjoint rows and share one exp. dP feeds dq and, with dA,
     # the dk~ of the rows j (gathered over the rows i below them); dA feeds dk~.
     NS: tl.constexpr = BT // BC
-    RP: tl.constexpr = (AP_BF16 >= 1) & (q.dtype.element_ty == tl.bfloat16)
-    RA: tl.constexpr = (AP_BF16 >= 2) & (q.dtype.element_ty == tl.bfloat16)
+    RP: tl.constexpr = AP_BF16 >= 1  # chunk_bwd passes 0 unless the inputs are bf16
+    RA: tl.constexpr = AP_BF16 >= 2
     rb = rows // BC
     if NS > 1:
         if SPLIT:
@@ -395,10 +395,10 @@ def chunk_bwd_dqkg_intra_kernel(q, k, G, dA, dP, dq0, dk0, dq, dk, dg, chunk_ind
                 kE_up = tl.where(lo[:, None], 0.0, b_k * E)
                 b_dqP += E * tl.dot(tl.load(dP + offc, mask=pair, other=0.0), kE_up, input_precision=DOT_PREC)
                 b_dkA += E * tl.dot(tl.load(dA + offc, mask=pair, other=0.0), kE_up, input_precision=DOT_PREC)
-                b_dkJ += E * (tl.dot(tl.load(dP + offT, mask=pairT, other=0.0), tl.where(lo[:, None], b_q * E, 0.0),
-                                     input_precision=DOT_PREC)
-                              + tl.dot(tl.load(dA + offT, mask=pairT, other=0.0), tl.where(lo[:, None], b_k * E, 0.0),
-                                       input_precision=DOT_PREC))
+                qE_lo = tl.where(lo[:, None], b_q * E, 0.0)
+                kE_lo = tl.where(lo[:, None], b_k * E, 0.0)
+                b_dkJ += E * (tl.dot(tl.load(dP + offT, mask=pairT, other=0.0), qE_lo, input_precision=DOT_PREC)
+                              + tl.dot(tl.load(dA + offT, mask=pairT, other=0.0), kE_lo, input_precision=DOT_PREC))
     else:
         # One row l of every 16-row block per step (row r of the tile pairs with row
         # l(r) = block(r) * BC + l). With l as the column j: dq_i, dk_i (via A) gather over j <= i;
@@ -568,7 +568,8 @@ def chunk_bwd(q, k, v, saved, do, dht, scale, meta, need_dh0):
     launch(chunk_bwd_dqkg_inter_kernel, lambda opt: (triton.cdiv(K, opt["BKS"]), NT, H),
            (q, k, G, Tm, vn, h, dh, do, dvn, dA, dP, dq0, dk0, dg, ci, cu, scale),
            dict(H=H, K=K, V=V, BT=BT, BC=min(16, BT), OP_BF16=pr["OP_BF16"] and BWD_BF16, DOT_PREC=prec),
-           dqkg_inter_options(BK, K, V))
+           [dict(o, AP_BF16=o["AP_BF16"] if q.dtype == torch.bfloat16 else 0)
+            for o in dqkg_inter_options(BK, K, V)])
     launch(chunk_bwd_dqkg_intra_kernel, lambda opt: (triton.cdiv(K, opt["BKS"]), NT, H),
            (q, k, G, dA, dP, dq0, dk0, dq, dk, dg, ci, cu),
            dict(H=H, K=K, BT=BT, BC=min(16, BT), DOT_PREC=prec), dqkg_intra_options(BK, K))
