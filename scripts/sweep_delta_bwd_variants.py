@@ -14,7 +14,8 @@ For every option (the first of each kernel is today's default, the GPU-verified 
   * check vs the default: its outputs on those inputs against the default option's (rel RMS);
   * check vs fp64: the whole fg2 forward + backward with that option (others at their defaults) on
     packed odd-length sequences (300, 77, 1000 tokens; mild and x30 decay) against the fp64 token
-    loop on the same bf16-rounded inputs: dq, dk, dv, dg, dbk (bounds 3e-2, dg 6e-2 as the gpu test);
+    loop on the same bf16-rounded inputs: dq, dk, dv, dg, dbk (bounds 3e-2, dg 6e-2 as the gpu test,
+    or 1.25 x the default options' own error where that is larger);
   * registers / spills of the compiled kernel.
 One line per option, OUT_DIR/sweep-bwd.json, then per kernel ``BEST_BWD_OPTION=`` a python literal
 dict(kernel=..., option=..., ms=..., default_ms=...): the fastest correct option by the sum of the
@@ -143,7 +144,12 @@ def main():
     for decay in (1.0, 30.0):
         x, cu, do = inputs(CHECK_LENS, decay=decay, seed=1)
         x64 = {n: t.double() for n, t in x.items()}
-        checks.append((x, cu, do, fwd_bwd(naive_fg2_delta_rule, x64, cu, do)))
+        ref64 = fwd_bwd(naive_fg2_delta_rule, x64, cu, do)
+        # the default options' own errors: an option may match them (x1.25) where they pass the bound
+        got = fwd_bwd(chunk_fg2_delta_rule, x, cu, do)
+        bound = {n: max(BOUND64.get(n, BOUND64["*"]), 1.25 * rel_rms(a.double(), b))
+                 for n, a, b in zip(NAMES, got, ref64)}
+        checks.append((x, cu, do, ref64, bound))
     print(f"sweep_delta_bwd_variants on {torch.cuda.get_device_name() if DEV == 'cuda' else 'CPU (interpreter)'}, "
           f"triton {triton.__version__}, H={H} K=V={D}; inputs and references ready in "
           f"{time.time() - t_start:.1f}s", flush=True)
@@ -186,11 +192,11 @@ def main():
             orig = getattr(cb, PATCH[which])
             setattr(cb, PATCH[which], lambda *a, o=opt: [o])
             try:
-                for c, (x, cu, do, ref64) in enumerate(checks):
+                for c, (x, cu, do, ref64, bound) in enumerate(checks):
                     got = fwd_bwd(chunk_fg2_delta_rule, x, cu, do)
                     es = {n: rel_rms(a.double(), b) for n, a, b in zip(NAMES, got, ref64)}
                     row[f"err64_decay{c}"] = max(es.values())
-                    err = max(err, max(e / BOUND64.get(n, BOUND64["*"]) for n, e in es.items()))
+                    err = max(err, max(e / bound[n] for n, e in es.items()))
             finally:
                 setattr(cb, PATCH[which], orig)
             row["ok"] = bool(err <= 1.0)
@@ -217,8 +223,9 @@ def main():
         base = sum(mine[0].get("ms", {}).values()) if mine[0]["ok"] else float("nan")
         print("BEST_BWD_OPTION=" + repr(dict(kernel=KERNELS[which], option=best["option"],
                                              ms=round(sum(best["ms"].values()), 4), default_ms=round(base, 4))))
-    print(f"sweep_delta_bwd_variants: {sum(r['ok'] for r in rows)}/{len(rows)} options correct, "
-          f"{time.time() - t_start:.1f}s", flush=True)
+    skipped = sum("skipped" in r.get("error", "") for r in rows)
+    print(f"sweep_delta_bwd_variants: {sum(r['ok'] for r in rows)}/{len(rows) - skipped} options run correct, "
+          f"{skipped} skipped (BUDGET_S), {time.time() - t_start:.1f}s", flush=True)
 
 
 if __name__ == "__main__":
