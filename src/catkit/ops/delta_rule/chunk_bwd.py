@@ -450,9 +450,9 @@ BWD_BF16 = True
 
 # Fastest correct options of scripts/sweep_delta_bwd_variants.py (its BEST_BWD_OPTION lines), tried
 # before the GPU-verified defaults below; None keeps the default first.
-DQKG_INTER_BEST = None
+DQKG_INTER_BEST = {'BKS': 32, 'BV': 64, 'SPLIT': 1, 'AP_BF16': 2, 'num_warps': 8, 'num_stages': 1, 'maxnreg': 128}
 DQKG_INTRA_BEST = None
-DAP_BEST = None
+DAP_BEST = {'BV': 32, 'num_warps': 4, 'num_stages': 1}
 
 
 def _best_first(best, opts, BK=None):
