@@ -55,6 +55,7 @@ peer views are taken at ``t.data_ptr() - buffer_ptrs[rank]`` (0 on versions with
 from __future__ import annotations
 
 import atexit
+import functools
 import warnings
 from collections import OrderedDict
 
@@ -282,8 +283,9 @@ def symm_steps(rank: int, world: int, numel: int, l1: QuantLayout, l2: QuantLayo
 
 # ----------------------------------------------------------------------------- plans (GPU)
 
+@functools.lru_cache(maxsize=None)
 def symm_available() -> str | None:
-    """None when this torch can allocate symmetric memory on CUDA, else why not."""
+    """None when this torch can allocate symmetric memory on CUDA, else why not (cached: per call)."""
     if not torch.cuda.is_available():
         return "no CUDA device"
     if not dist.is_available():
@@ -328,8 +330,11 @@ class _SymmPlan:
         off = self.buf.data_ptr() - self.handle.buffer_ptrs[self.rank]
         if off < 0:
             raise RuntimeError(f"symmetric buffer lies before its allocation's base (offset {off})")
-        views = [self.buf if p == self.rank else self.handle.get_buffer(p, (n1 + n2,), torch.uint8, off)
-                 for p in range(W)]
+        views = [self.handle.get_buffer(p, (n1 + n2,), torch.uint8, off) for p in range(W)]
+        if views[self.rank].data_ptr() != self.buf.data_ptr():  # the offset rule above must hold here
+            raise RuntimeError("symmetric memory: get_buffer(rank) does not address the local buffer "
+                               f"(torch {torch.__version__}); peer views would be wrong")
+        views[self.rank] = self.buf
         self.recv = [v[:n1].view(W, self.l1.row_bytes) for v in views]
         self.gather = [v[n1:].view(W, self.l2.row_bytes) for v in views]
         self.step1, self.step2, self.step3 = symm_steps(self.rank, W, N, self.l1, self.l2, self.recv, self.gather)
