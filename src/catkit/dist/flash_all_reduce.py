@@ -76,8 +76,10 @@ _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # The symmetric-memory transport (catkit.dist.symm_all_reduce: the same compressed all-reduce,
 # bit for bit, with the two NCCL collectives replaced by peer stores inside the kernels) is
 # picked by ``transport="auto"`` only in byte ranges [lo, hi) where it was MEASURED faster than
-# this module's NCCL path, keyed (world size, bits, gather_bits). Empty until a 2-GPU run of
-# ``scripts/gpu_check_symm.sh`` says where it wins, so "auto" is the NCCL path everywhere.
+# both this module's NCCL path and NCCL bf16 (the ``symm_faster_*`` rows of ``catkit bench
+# comm_symm``, which print the entry), keyed (world size, bits, gather_bits); there it also
+# skips the size fallback. Empty until a 2-GPU run of ``scripts/gpu_check_symm.sh`` says where
+# it wins, so until then "auto" is the NCCL path everywhere.
 SYMM_FASTER: dict = {}
 TRANSPORTS = ("auto", "nccl", "symm")
 
