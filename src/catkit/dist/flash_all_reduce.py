@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import atexit
 import functools
+import sys
 from collections import OrderedDict
 from dataclasses import dataclass
 
@@ -71,6 +72,27 @@ def fallback_bytes(backend: str, world: int, bits: int) -> int:
     return 0
 
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+# The symmetric-memory transport (catkit.dist.symm_all_reduce: the same compressed all-reduce,
+# bit for bit, with the two NCCL collectives replaced by peer stores inside the kernels) is
+# picked by ``transport="auto"`` only in byte ranges [lo, hi) where it was MEASURED faster than
+# both this module's NCCL path and NCCL bf16 (the ``symm_faster_*`` rows of ``catkit bench
+# comm_symm``, which print the entry), keyed (world size, bits, gather_bits); there it also
+# skips the size fallback. Empty until a 2-GPU run of ``scripts/gpu_check_symm.sh`` says where
+# it wins, so until then "auto" is the NCCL path everywhere.
+SYMM_FASTER: dict = {}
+TRANSPORTS = ("auto", "nccl", "symm")
+
+
+def resolve_transport(transport: str, backend: str, world: int, bits: int, gather_bits: int, nbytes: int,
+                      is_cuda: bool) -> str:
+    """"nccl" (this module's path: NCCL on CUDA, gloo on CPU) or "symm" for one call."""
+    if transport != "auto":
+        return transport
+    if backend != "nccl" or not is_cuda:
+        return "nccl"
+    ranges = SYMM_FASTER.get((world, bits, gather_bits), ())
+    return "symm" if any(lo <= nbytes < hi for lo, hi in ranges) else "nccl"
 
 
 @dataclass
@@ -244,6 +266,9 @@ def clear_plan_cache() -> None:
     orderly shutdown inside a cache."""
     _PLANS.clear()
     _GROUPS.clear()
+    symm = sys.modules.get("catkit.dist.symm_all_reduce")
+    if symm is not None:  # the symmetric-memory transport's plans too, if it was ever used
+        symm.clear_symm_plans()
 
 
 atexit.register(clear_plan_cache)
@@ -339,6 +364,7 @@ def flash_all_reduce(
     min_bytes: int | None = None,
     inplace: bool = False,
     chunks: int | None = None,
+    transport: str = "auto",
 ) -> torch.Tensor:
     """Sum ``x`` over the ranks of ``group`` with int8/int4 group-wise compression.
 
@@ -361,6 +387,12 @@ def flash_all_reduce(
         chunks: cut the message into this many slices and overlap one slice's kernels with
             another's transfers (same result: the groups do not change); ``None`` =
             :func:`auto_chunks` of the size (1 at every size measured so far).
+        transport: ``"nccl"``: two NCCL (gloo on CPU) collectives between the kernels;
+            ``"symm"``: the same bytes moved by the kernels themselves over torch symmetric
+            memory (:func:`catkit.dist.symm_all_reduce.symm_all_reduce`: CUDA, 2..8 ranks, one
+            NVLink island; bit-identical result; ``min_bytes=None`` means no fallback there and
+            ``chunks`` must be None or 1); ``"auto"`` (default): "symm" only where
+            :data:`SYMM_FASTER` records it measured faster, else "nccl".
 
     Returns ``sum over ranks of x`` (fp32 accumulation), identical on every rank, within the
     bound in the module docstring. Special cases: an empty ``x`` or a group of one rank returns
@@ -380,6 +412,8 @@ def flash_all_reduce(
         raise ValueError(f"min_bytes: expected a non-negative int or None, got {min_bytes!r}")
     if chunks is not None and (not isinstance(chunks, int) or isinstance(chunks, bool) or chunks < 1):
         raise ValueError(f"chunks: expected a positive int or None, got {chunks!r}")
+    if transport not in TRANSPORTS:
+        raise ValueError(f"transport: expected one of {TRANSPORTS}, got {transport!r}")
     if not dist.is_available() or not dist.is_initialized():
         raise ValueError("group: torch.distributed is not initialized (call init_process_group first)")
     if inplace and not x.is_contiguous():
@@ -390,6 +424,14 @@ def flash_all_reduce(
     if world == 1 or x.numel() == 0:
         return x if inplace else x.clone()
     nbytes = x.numel() * x.element_size()
+    if (resolve_transport(transport, backend, world, bits, gather_bits, nbytes, x.is_cuda) == "symm"
+            and (min_bytes is None or nbytes >= min_bytes)):
+        if chunks not in (None, 1):
+            raise ValueError(f"chunks: the symm transport does not slice messages, got {chunks}")
+        from catkit.dist.symm_all_reduce import symm_all_reduce  # CUDA-only module, loaded on first use
+
+        return symm_all_reduce(x, group, bits=bits, gather_bits=gather_bits, group_size=group_size,
+                               spike_reserve=spike_reserve, meta_dtype=meta_dtype, inplace=inplace)
     if min_bytes is None:
         threshold = fallback_bytes(backend, world, bits)
     else:
