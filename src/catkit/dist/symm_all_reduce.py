@@ -65,6 +65,7 @@ import torch.distributed as dist
 from catkit.ops.quant.groupwise import _config, _layout_args, _tune_configs, dequantize_launcher
 from catkit.ops.quant.layout import QTensor, QuantLayout, check_quant_args, row_length
 from catkit.utils.device import check_tensor
+from catkit.utils.fast_launch import BoundLaunch
 from catkit.utils.triton_utils import autotune, kernel_device_ok, triton_available
 
 if triton_available():
@@ -209,11 +210,9 @@ if triton is not None:
 def _bind_grid(tuned, grid, args: tuple, const: dict, config):
     """``f(*lead)``: like groupwise's ``_bind`` but with a grid function of the tile's groups
     per program (step 1's grid is 2-D): autotune on the first call, then launch the chosen
-    config's JIT kernel directly (no autotuner work per call)."""
+    config's kernel as a ``BoundLaunch`` replay (no autotuner or binding work per call)."""
     def fixed(cfg):
-        kw = {**const, **cfg.all_kwargs()}
-        kernel = tuned.fn[grid(cfg.kwargs["VALS"] // const["G"])]
-        return lambda *lead: kernel(*lead, *args, **kw)
+        return BoundLaunch(tuned.fn, grid(cfg.kwargs["VALS"] // const["G"]), args, {**const, **cfg.all_kwargs()})
 
     if config is not None:
         return fixed(_config(*config))
