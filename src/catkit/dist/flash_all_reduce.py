@@ -55,13 +55,15 @@ from catkit.utils.device import check_tensor
 # (backend, world size, bits of the reduce-scatter step), (backend, world size), backend;
 # ``catkit bench comm`` prints the crossover ("[comm] measured fallback bytes ... set
 # FALLBACK_BYTES[...]") in its ``fallback_*`` rows (``fallback_bytes_measured`` per width).
-# Measured on H200s (benchmarks/results/comm-NVIDIA_H200-*gpu.json): 2 GPUs, no size up to 256 MB
-# where a compressed width beat NCCL bf16 (crossover above 256 MB, recorded as 512 MiB); 4 GPUs,
-# int4 and int6 (4-bit reduce-scatter) win from 64 MB (1.22x / 1.04x there, 1.42x / 1.18x at
-# 256 MB), int8 only at 256 MB (1.02x). Other world sizes use the 4-GPU int8 value until measured.
-# "gloo" is 0 so CPU runs (tests) always take the compressed path; on CPU compression is about
-# correctness, not speed.
-FALLBACK_BYTES: dict = {"nccl": 256 << 20, ("nccl", 2): 512 << 20, ("nccl", 4, 4): 64 << 20, "gloo": 0}
+# Measured on H200s with the NCCL transport (benchmarks/results/comm-NVIDIA_H200-4gpu.json;
+# 2 GPUs: comm-NVIDIA_H200-2gpu-nccl-transport.json, before transport="auto" moved to symmetric
+# memory): 2 GPUs, int6 wins from 64 MB (1.07x), int4 from 128 MB (1.39x), int8 only at 256 MB
+# (1.04x); 4 GPUs, int4 and int6 from 64 MB (1.22x / 1.04x there, 1.42x / 1.18x at 256 MB), int8
+# only at 256 MB (1.02x). Other world sizes use the int8 value until measured. On 2 GPUs
+# ``transport="auto"`` takes the symmetric-memory path from 32 MB (``SYMM_FASTER``), which skips
+# this fallback. "gloo" is 0 so CPU runs (tests) always take the compressed path; on CPU
+# compression is about correctness, not speed.
+FALLBACK_BYTES: dict = {"nccl": 256 << 20, ("nccl", 2, 4): 128 << 20, ("nccl", 4, 4): 64 << 20, "gloo": 0}
 
 
 def fallback_bytes(backend: str, world: int, bits: int) -> int:
@@ -78,9 +80,12 @@ _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # picked by ``transport="auto"`` only in byte ranges [lo, hi) where it was MEASURED faster than
 # both this module's NCCL path and NCCL bf16 (the ``symm_faster_*`` rows of ``catkit bench
 # comm_symm``, which print the entry), keyed (world size, bits, gather_bits); there it also
-# skips the size fallback. Empty until a 2-GPU run of ``scripts/gpu_check_symm.sh`` says where
-# it wins, so until then "auto" is the NCCL path everywhere.
-SYMM_FASTER: dict = {}
+# skips the size fallback. 2 H200s (benchmarks/results/comm_symm-NVIDIA_H200-2gpu.json): faster
+# than both from 32 MB for every width (64 MB: int8 1.40x, int6 1.77x, int4 2.22x NCCL bf16;
+# 256 MB: 1.56x / 1.86x / 2.38x); below 32 MB the per-call host time (~0.1 ms for three launches
+# and two barriers) loses to NCCL's ~0.03 ms. Other world sizes: NCCL path until measured.
+SYMM_FASTER: dict = {(2, 8, 8): [(32 << 20, 512 << 20)], (2, 4, 8): [(32 << 20, 512 << 20)],
+                     (2, 4, 4): [(32 << 20, 512 << 20)]}
 TRANSPORTS = ("auto", "nccl", "symm")
 
 
@@ -244,7 +249,7 @@ class _Pipeline:
 
 # Slices for the pipelined path by message size (bytes, slices), largest first; below the last
 # entry one unsliced plan. Measured on 2 H200s (rows ``flash_<bits>:chunks=K`` of
-# benchmarks/results/comm-NVIDIA_H200-2gpu-quick.json): one slice was fastest or tied at 64 KB,
+# benchmarks/results/comm-NVIDIA_H200-2gpu-session1-quick.json, NCCL transport): one slice was fastest or tied at 64 KB,
 # 64 MB and 256 MB for every width (256 MB int8: 1.07 / 1.12 / 1.11 / 2.26 ms for 1 / 2 / 4 / 8
 # slices), since each slice adds about five launches of host time and the slices' collectives
 # serialise on the link anyway. So no size is sliced by default; ``chunks=`` still forces it.
@@ -352,6 +357,29 @@ def exact_all_reduce(x: torch.Tensor, group=None, *, inplace: bool = False) -> t
     return _ExactAllReduceFn.apply(x.contiguous(), group)
 
 
+_ARGS_OK: set = set()  # argument tuples already validated: below the fallback size NCCL's own
+# latency is ~30 us of host time, so every microsecond of checking shows
+
+
+def _check_args(bits, gather_bits, group_size, meta_dtype, min_bytes, chunks, transport) -> None:
+    key = (bits, gather_bits, group_size, meta_dtype, min_bytes, chunks, transport)
+    try:
+        if key in _ARGS_OK:
+            return
+    except TypeError:  # an unhashable argument: certainly not a valid one, checked below
+        key = None
+    check_quant_args(bits, group_size, meta_dtype, name="bits")
+    check_quant_args(gather_bits, group_size, meta_dtype, name="gather_bits")
+    if min_bytes is not None and (not isinstance(min_bytes, int) or min_bytes < 0):
+        raise ValueError(f"min_bytes: expected a non-negative int or None, got {min_bytes!r}")
+    if chunks is not None and (not isinstance(chunks, int) or isinstance(chunks, bool) or chunks < 1):
+        raise ValueError(f"chunks: expected a positive int or None, got {chunks!r}")
+    if transport not in TRANSPORTS:
+        raise ValueError(f"transport: expected one of {TRANSPORTS}, got {transport!r}")
+    if key is not None and len(_ARGS_OK) < 1024:
+        _ARGS_OK.add(key)
+
+
 def flash_all_reduce(
     x: torch.Tensor,
     group=None,
@@ -405,15 +433,8 @@ def flash_all_reduce(
         y = flash_all_reduce(partial, bits=4, gather_bits=8)   # INT6
     """
     check_tensor("x", x, dtypes=_DTYPES)
-    check_quant_args(bits, group_size, meta_dtype, name="bits")
     gather_bits = bits if gather_bits is None else gather_bits
-    check_quant_args(gather_bits, group_size, meta_dtype, name="gather_bits")
-    if min_bytes is not None and (not isinstance(min_bytes, int) or min_bytes < 0):
-        raise ValueError(f"min_bytes: expected a non-negative int or None, got {min_bytes!r}")
-    if chunks is not None and (not isinstance(chunks, int) or isinstance(chunks, bool) or chunks < 1):
-        raise ValueError(f"chunks: expected a positive int or None, got {chunks!r}")
-    if transport not in TRANSPORTS:
-        raise ValueError(f"transport: expected one of {TRANSPORTS}, got {transport!r}")
+    _check_args(bits, gather_bits, group_size, meta_dtype, min_bytes, chunks, transport)
     if not dist.is_available() or not dist.is_initialized():
         raise ValueError("group: torch.distributed is not initialized (call init_process_group first)")
     if inplace and not x.is_contiguous():
@@ -424,10 +445,11 @@ def flash_all_reduce(
     if world == 1 or x.numel() == 0:
         return x if inplace else x.clone()
     nbytes = x.numel() * x.element_size()
-    if (resolve_transport(transport, backend, world, bits, gather_bits, nbytes, x.is_cuda) == "symm"
-            and (min_bytes is None or nbytes >= min_bytes)):
-        if chunks not in (None, 1):
-            raise ValueError(f"chunks: the symm transport does not slice messages, got {chunks}")
+    if transport == "symm" and chunks not in (None, 1):
+        raise ValueError(f"chunks: the symm transport does not slice messages, got {chunks}")
+    # "auto" with sliced messages asked for stays on the NCCL path (the only one that slices)
+    if (chunks in (None, 1) and (min_bytes is None or nbytes >= min_bytes)
+            and resolve_transport(transport, backend, world, bits, gather_bits, nbytes, x.is_cuda) == "symm"):
         from catkit.dist.symm_all_reduce import symm_all_reduce  # CUDA-only module, loaded on first use
 
         return symm_all_reduce(x, group, bits=bits, gather_bits=gather_bits, group_size=group_size,
@@ -437,6 +459,9 @@ def flash_all_reduce(
     else:
         threshold = min_bytes
     small = nbytes < threshold
+    if small and inplace:  # the fallback at its cheapest: what a latency-bound caller gets
+        dist.all_reduce(x, group=group)
+        return x
     chunks = auto_chunks(nbytes) if chunks is None else chunks
     # below the threshold nothing but dist.all_reduce runs: the fallback must cost what NCCL costs
     plan = None if small else get_plan(x, group, bits, gather_bits, group_size, spike_reserve, meta_dtype, chunks)
