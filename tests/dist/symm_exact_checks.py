@@ -30,7 +30,7 @@ def gpu_job(rank, world, seed):
         report[name] = (same, float((got.float() - want.float()).abs().max()) if got.numel() else 0.0)
 
     for dtype in (torch.bfloat16, torch.float32):
-        for n in (1, 7, 1000, 4097, 1 << 20):
+        for n in (2, 8, 1000, 4098, 1 << 20):  # whole 4-byte words (odd bf16 counts: NCCL)
             xs = [torch.randn(n, generator=g, device=dev).to(dtype) * (k + 1 + rank) for k in range(3)]
             ys = [symm_exact_all_reduce(x) for x in xs]  # back to back, no sync between
             for k, (x, y) in enumerate(zip(xs, ys)):
@@ -46,7 +46,13 @@ def gpu_job(rank, world, seed):
         report[f"{dtype} in place returns x"] = (out.data_ptr() == inplace[1:].data_ptr(), 0.0)
         report[f"{dtype} untouched prefix"] = (bool(torch.equal(inplace[:1], base[:1])), 0.0)
     report["fp16 not usable"] = (not usable(torch.zeros(8, device=dev, dtype=torch.float16), world), 0.0)
-    # the fallback hook: with a measured range, flash_all_reduce below its threshold takes this path
+    report["odd bf16 count not usable"] = (not usable(torch.zeros(7, device=dev, dtype=torch.bfloat16), world), 0.0)
+    # the fallback hook: with a measured range, flash_all_reduce below its threshold takes this
+    # path (counted), except for an odd bf16 count (NCCL); exact either way
+    sx = importlib.import_module("catkit.dist.symm_exact")
+    calls, real = [], sx.symm_exact_all_reduce
+    sx.symm_exact_all_reduce = lambda *a, **k: calls.append(1) or real(*a, **k)
+    saved = dict(far.SYMM_EXACT_FASTER)
     far.SYMM_EXACT_FASTER[world] = [(0, 1 << 20)]
     try:
         x = torch.randn(3000, generator=g, device=dev).to(torch.bfloat16)
@@ -54,8 +60,14 @@ def gpu_job(rank, world, seed):
         x2 = x.clone()
         flash_all_reduce(x2, bits=8, min_bytes=1 << 30, inplace=True)
         record("flash_all_reduce fallback in place", x2, nccl(x))
+        report["fallback took the one-shot path twice"] = (len(calls) == 2, 0.0)
+        x = torch.randn(7, generator=g, device=dev).to(torch.bfloat16)
+        record("flash_all_reduce fallback, 7 bf16 (NCCL)", flash_all_reduce(x, bits=8, min_bytes=1 << 30), nccl(x))
+        report["7 bf16 stayed on NCCL"] = (len(calls) == 2, 0.0)
     finally:
-        far.SYMM_EXACT_FASTER.pop(world)
+        far.SYMM_EXACT_FASTER.clear()
+        far.SYMM_EXACT_FASTER.update(saved)
+        sx.symm_exact_all_reduce = real
     torch.cuda.synchronize()
     return report
 

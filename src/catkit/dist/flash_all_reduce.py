@@ -91,8 +91,10 @@ TRANSPORTS = ("auto", "nccl", "symm")
 # Byte ranges [lo, hi) per world size where the exact fallback runs as ONE symmetric-memory kernel
 # (catkit.dist.symm_exact: torch's one-shot all-reduce) instead of NCCL, because it was MEASURED
 # faster there (the ``symm_exact_faster`` row of ``catkit bench comm_symm`` prints the entry).
-# Only bf16 / fp32 without autograd; everything else below the threshold is NCCL.
-SYMM_EXACT_FASTER: dict = {}
+# Only bf16 / fp32 without autograd; everything else below the threshold is NCCL. 2 H200s
+# (benchmarks/results/comm_symm-NVIDIA_H200-2gpu.json): 1.1-2.2x faster than NCCL bf16 from 8 KB
+# to 2 MB (0.015-0.023 ms against 0.023-0.035 ms, bit for bit NCCL's sum), slower from 4 MB.
+SYMM_EXACT_FASTER: dict = {2: [(0, 4 << 20)]}
 
 
 def resolve_transport(transport: str, backend: str, world: int, bits: int, gather_bits: int, nbytes: int,

@@ -10,7 +10,7 @@ bits), and barriers again before the buffer may be reused. This module keeps one
 (group, device) and calls that op; ``flash_all_reduce`` takes it for the sizes where it was
 measured faster than NCCL (``SYMM_EXACT_FASTER`` there), else NCCL.
 
-Restrictions (the op's): fp32 or bf16, at most ``MAX_BYTES``, CUDA peers of one NVLink island
+Restrictions (the op's): fp32 or bf16, a whole number of 4-byte words, at most ``MAX_BYTES``, CUDA peers of one NVLink island
 (no multicast needed). ``usable`` says whether a tensor qualifies, from what every rank of an
 all-reduce shares (dtype, size, world, software) and never from its address, so all ranks take
 the same path (a rank on NCCL while its peer waits at a device barrier would hang both); an
@@ -37,7 +37,9 @@ def _op():
 
 def usable(x: torch.Tensor, world: int) -> bool:
     """Whether ``symm_exact_all_reduce`` can take ``x`` (else the caller uses NCCL)."""
-    return (x.is_cuda and x.dtype in DTYPES and 2 <= world <= 8 and x.numel() * x.element_size() <= MAX_BYTES
+    nbytes = x.numel() * x.element_size()
+    # the op's kernels move at least 4-byte words: a 2-byte bf16 tail is refused (measured, torch 2.11)
+    return (x.is_cuda and x.dtype in DTYPES and 2 <= world <= 8 and nbytes <= MAX_BYTES and nbytes % 4 == 0
             and symm_available() is None and _op() is not None)
 
 
