@@ -21,7 +21,7 @@ def gpu_job(rank, world, seed):
     report = {}
 
     def nccl(x):
-        y = x.clone()
+        y = x.clone(memory_format=torch.contiguous_format)
         dist.all_reduce(y)
         return y
 
