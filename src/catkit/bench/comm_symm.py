@@ -9,14 +9,20 @@ bytes, 64 KB .. 256 MB) it times, on the same inputs in the same processes:
 * ``symm_<w>``: the same call with ``transport="symm"`` (kernels that store into the peers'
   symmetric buffers, two symm_mem barriers, no NCCL);
 
-for w = int8, int6 (int4 reduce-scatter + int8 all-gather), int4. Each row: time (max over ranks
+for w = int8, int6 (int4 reduce-scatter + int8 all-gather), int4; and, up to
+``symm_exact.MAX_BYTES``, ``symm_exact``: the EXACT bf16 sum in one symmetric-memory kernel
+(:mod:`catkit.dist.symm_exact`, torch's one-shot all-reduce), the candidate for the small-message
+fallback. Each row: time (max over ranks
 of the mean of back-to-back calls, CUDA events), host time per call, speedups over NCCL and, for
 ``symm_*``, over ``flash_*`` of the same width. ``correct``: finite, identical on every rank,
 error vs the exact fp32 sum under the width's tolerance, and for ``symm_*`` BIT-IDENTICAL to
 ``flash_*`` on the same input. At the smallest and largest size ``symm_int8`` is also split into
 its steps (``symm_int8:<step>`` rows). Summary rows ``symm_faster_<w>`` list the sizes where
 symm beat both NCCL bf16 and flash_<w>, and the run prints the ``SYMM_FASTER`` entry for
-``catkit/dist/flash_all_reduce.py`` (the ranges ``transport="auto"`` may use).
+``catkit/dist/flash_all_reduce.py`` (the ranges ``transport="auto"`` may use); the
+``symm_exact_faster`` row likewise gives ``SYMM_EXACT_FASTER[world]`` (where the exact one-shot
+kernel beat NCCL bf16; its rows are correct when identical on every rank and within bf16
+rounding of the fp32 sum, and say whether they are bit for bit NCCL's).
 
 Tiles: by default every quantization kernel of both transports runs one fixed tile (4096
 values / 4 warps, the best or near-best in benchmarks/results/quant-kernels-NVIDIA_H200), which
@@ -49,12 +55,13 @@ def methods() -> dict:
     for w, (b, gb) in WIDTHS.items():
         out[f"flash_{w}"] = (b, gb, "nccl")
         out[f"symm_{w}"] = (b, gb, "symm")
+    out["symm_exact"] = "exact"
     return out
 
 
 def sizes_for(quick: bool) -> list[int]:
     step = 4 if quick else 2
-    out, s = [], 64 << 10
+    out, s = [], 8 << 10  # from 8 KB: the exact one-shot path is for latency-bound messages
     while s <= 256 << 20:
         out.append(s)
         s *= step
@@ -94,6 +101,19 @@ def _measure(size: int, world: int, dev, card: str, g, quick: bool, tiles: str) 
             y = xs[0].clone()
             dist.all_reduce(y)
             fn = lambda: dist.all_reduce(scratch[next(it) % nbuf])  # noqa: E731
+        elif spec == "exact":
+            from catkit.dist import symm_exact
+
+            if not symm_exact.usable(xs[0], world):
+                continue  # above its buffer, or no symmetric memory here
+            try:
+                y = symm_exact.symm_exact_all_reduce(xs[0])
+            except Exception as e:  # noqa: BLE001 - e.g. this torch lacks the op's form: a red row
+                rows.append({"size": _fmt(size), "bytes": size, "method": name, "world": world, "card": card,
+                             "error": f"{type(e).__name__}: {e}"[:300], "correct": False})
+                print(f"[comm_symm] {name} at {_fmt(size)} failed: {type(e).__name__}: {e}", flush=True)
+                continue
+            fn = lambda: symm_exact.symm_exact_all_reduce(scratch[next(it) % nbuf], inplace=True)  # noqa: E731
         else:
             kw = dict(bits=spec[0], gather_bits=spec[1], group_size=GROUP_SIZE, min_bytes=0, transport=spec[2])
             try:
@@ -109,14 +129,16 @@ def _measure(size: int, world: int, dev, card: str, g, quick: bool, tiles: str) 
         err = rel_rms(y.float(), exact)
         ms, host_ms = _timed(fn, iters, 5, True)
         times[name] = ms
-        width = name.split("_", 1)[1] if spec is not None else None
-        ok = math.isfinite(err) and same and err <= TOLERANCE[width or name]
+        width = name.split("_", 1)[1] if spec not in (None, "exact") else None
+        ok = math.isfinite(err) and same and err <= TOLERANCE[width or "nccl_bf16"]
         row = {"size": _fmt(size), "bytes": size, "method": name, "world": world, "card": card, "tiles": tiles,
                "ms": ms, "host_ms": host_ms, "nccl_ms": times["nccl_bf16"],
                "busbw_GBps": 2.0 * (world - 1) / world * size / (ms * 1e-3) / 1e9, "rel_err": err}
         if spec is not None:
             row["speedup_vs_nccl"] = times["nccl_bf16"] / ms
-        if spec is not None and spec[2] == "symm" and f"flash_{width}" in results:
+        if spec == "exact":
+            row["bit_identical_to_nccl"] = bool(torch.equal(y, results["nccl_bf16"]))
+        elif spec is not None and spec[2] == "symm" and f"flash_{width}" in results:
             ref = results[f"flash_{width}"]
             bitwise = bool(torch.equal(y.nan_to_num(1e30), ref.nan_to_num(1e30)))
             t = torch.tensor([0.0 if bitwise else 1.0], device=dev)
@@ -180,6 +202,25 @@ def symm_faster_rows(rows: list[dict]) -> list[dict]:
     return out
 
 
+def symm_exact_faster_rows(rows: list[dict]) -> list[dict]:
+    """The sizes where ``symm_exact`` was correct and faster than NCCL bf16, as [lo, hi) ranges
+    for ``SYMM_EXACT_FASTER[world]`` (hi: the next measured size; lo 0 when the smallest measured
+    size wins: below it both are pure latency, the same one-block kernel against the same call)."""
+    measured = sorted({r["bytes"] for r in rows if r["method"] == "nccl_bf16"})
+    mine = {r["bytes"]: r for r in rows if r["method"] == "symm_exact"}
+    wins = [s for s in measured if s in mine and mine[s]["correct"] and mine[s]["ms"] < mine[s]["nccl_ms"]]
+    ranges = []
+    for s in wins:
+        nxt = next((m for m in measured if m > s), 2 * s)
+        if ranges and ranges[-1][1] == s:
+            ranges[-1] = (ranges[-1][0], nxt)
+        else:
+            ranges.append((0 if s == measured[0] else s, nxt))
+    world = next((r["world"] for r in rows), 0)
+    return [{"size": "-", "method": "symm_exact_faster", "world": world, "key": world, "wins_bytes": wins,
+             "ranges": [list(r) for r in ranges], "correct": all(r["correct"] for r in mine.values())}]
+
+
 def _rank_job(rank: int, world: int, sizes: list[int], quick: bool, tune: bool) -> list[dict]:
     from catkit.dist import clear_plan_cache
 
@@ -226,11 +267,15 @@ def run_comm_symm(quick: bool = False, sizes: list[int] | None = None, tune: boo
             raise RuntimeError(f"comm_symm benchmark needs >= 2 GPUs, {world} visible")
         rows = run_local(_rank_job, world, sizes, quick, tune, backend="nccl", timeout_s=560)[0]
     summary = symm_faster_rows(rows)
+    exact = symm_exact_faster_rows(rows)
     if rank == 0:
         for r in summary:
             print(f"[comm_symm] {r['method']}: symm faster than NCCL bf16 and flash at {r['wins_bytes']}; "
                   f"SYMM_FASTER[{tuple(r['key'])}] = {[tuple(x) for x in r['ranges']]}", flush=True)
-    return rows + summary
+        for r in exact:
+            print(f"[comm_symm] symm_exact_faster: one-shot exact faster than NCCL bf16 at {r['wins_bytes']}; "
+                  f"SYMM_EXACT_FASTER[{r['key']}] = {[tuple(x) for x in r['ranges']]}", flush=True)
+    return rows + summary + exact
 
 
 def comm_symm_suite(quick: bool) -> list[dict]:
@@ -238,7 +283,7 @@ def comm_symm_suite(quick: bool) -> list[dict]:
 
 
 if "comm_symm" not in SUITES:
-    register("comm_symm", "Flash Communication over symmetric memory vs its NCCL path vs NCCL bf16, 64 KB-256 MB",
+    register("comm_symm", "Flash Communication over symmetric memory vs its NCCL path vs NCCL bf16, 8 KB-256 MB",
              needs_gpu=True)(comm_symm_suite)
 
 

@@ -88,6 +88,14 @@ SYMM_FASTER: dict = {(2, 8, 8): [(32 << 20, 512 << 20)], (2, 4, 8): [(32 << 20, 
                      (2, 4, 4): [(32 << 20, 512 << 20)]}
 TRANSPORTS = ("auto", "nccl", "symm")
 
+# Byte ranges [lo, hi) per world size where the exact fallback runs as ONE symmetric-memory kernel
+# (catkit.dist.symm_exact: torch's one-shot all-reduce) instead of NCCL, because it was MEASURED
+# faster there (the ``symm_exact_faster`` row of ``catkit bench comm_symm`` prints the entry).
+# Only bf16 / fp32 without autograd; everything else below the threshold is NCCL. 2 H200s
+# (benchmarks/results/comm_symm-NVIDIA_H200-2gpu.json): 1.1-2.2x faster than NCCL bf16 from 8 KB
+# to 2 MB (0.015-0.023 ms against 0.023-0.035 ms, bit for bit NCCL's sum), slower from 4 MB.
+SYMM_EXACT_FASTER: dict = {2: [(0, 4 << 20)]}
+
 
 def resolve_transport(transport: str, backend: str, world: int, bits: int, gather_bits: int, nbytes: int,
                       is_cuda: bool) -> str:
@@ -380,6 +388,27 @@ def _check_args(bits, gather_bits, group_size, meta_dtype, min_bytes, chunks, tr
         _ARGS_OK.add(key)
 
 
+def _exact_fallback(x, group, world: int, backend: str, nbytes: int, inplace: bool) -> torch.Tensor:
+    """Below the compression threshold: the exact sum, in as few host steps as possible (NCCL's
+    own latency is the bar), over one symmetric-memory kernel where that was measured faster
+    (``SYMM_EXACT_FASTER``), else ``dist.all_reduce``."""
+    grad = x.requires_grad and torch.is_grad_enabled()
+    if not grad and backend == "nccl" and any(lo <= nbytes < hi for lo, hi in SYMM_EXACT_FASTER.get(world, ())):
+        from catkit.dist import symm_exact  # CUDA-only, loaded on first use
+
+        if symm_exact.usable(x, world):  # same answer on every rank: dtype, size and world only
+            return symm_exact.symm_exact_all_reduce(x, group, inplace=inplace)
+    if inplace:
+        dist.all_reduce(x, group=group)
+        return x
+    x = x.contiguous()
+    if grad:
+        return _ExactAllReduceFn.apply(x, group)
+    y = x.clone()  # no graph to record: skip the autograd.Function's own host cost
+    dist.all_reduce(y, group=group)
+    return y
+
+
 def flash_all_reduce(
     x: torch.Tensor,
     group=None,
@@ -458,28 +487,16 @@ def flash_all_reduce(
         threshold = fallback_bytes(backend, world, bits)
     else:
         threshold = min_bytes
-    small = nbytes < threshold
-    if small and inplace:  # the fallback at its cheapest: what a latency-bound caller gets
-        dist.all_reduce(x, group=group)
-        return x
+    if nbytes < threshold:
+        return _exact_fallback(x, group, world, backend, nbytes, inplace)
     chunks = auto_chunks(nbytes) if chunks is None else chunks
-    # below the threshold nothing but dist.all_reduce runs: the fallback must cost what NCCL costs
-    plan = None if small else get_plan(x, group, bits, gather_bits, group_size, spike_reserve, meta_dtype, chunks)
-    if inplace:  # no autograd here: the fewest host steps for latency-bound sizes
-        if small:
-            dist.all_reduce(x, group=group)
-        else:
-            plan.run(x, x)
+    plan = get_plan(x, group, bits, gather_bits, group_size, spike_reserve, meta_dtype, chunks)
+    if inplace:  # no autograd here
+        plan.run(x, x)
         return x
     x = x.contiguous()
     if x.requires_grad and torch.is_grad_enabled():
-        if small:
-            return _ExactAllReduceFn.apply(x, group)
         return _FlashAllReduceFn.apply(x, group, bits, gather_bits, group_size, spike_reserve, meta_dtype, chunks)
-    if small:  # no graph to record: skip the autograd.Function's own host cost
-        y = x.clone()
-        dist.all_reduce(y, group=group)
-        return y
     out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     plan.run(x, out)
     return out
