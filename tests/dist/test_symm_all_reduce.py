@@ -156,12 +156,16 @@ def test_transport_argument_of_flash_all_reduce():
     far = importlib.import_module("catkit.dist.flash_all_reduce")  # the module, not the function
     with pytest.raises(ValueError, match="transport"):
         flash_all_reduce(torch.randn(10), transport="nvls")
-    # measured ranges only: 2 GPUs from 32 MB (comm_symm-NVIDIA_H200-2gpu.json), no other world
+    with pytest.raises(ValueError, match="transport"):
+        far.CommConfig("flash", transport="nvls")
+    assert far.CommConfig("flash", transport="symm").transport == "symm"
+    # measured ranges only: 2 GPUs from 64 MB, no other world
     for key, ranges in far.SYMM_FASTER.items():
         assert all(0 <= lo < hi for lo, hi in ranges), (key, ranges)
     for nbytes in (1 << 10, 1 << 20, 64 << 20, 1 << 30):
         assert far.resolve_transport("auto", "nccl", 3, 8, 8, nbytes, True) == "nccl"
     assert far.resolve_transport("auto", "nccl", 2, 8, 8, 1 << 20, True) == "nccl"
+    assert far.resolve_transport("auto", "nccl", 2, 8, 8, 32 << 20, True) == "nccl"  # host bound there
     assert far.resolve_transport("auto", "nccl", 2, 8, 8, 64 << 20, True) == "symm"
     assert far.resolve_transport("symm", "nccl", 2, 8, 8, 1 << 20, True) == "symm"
     assert far.resolve_transport("auto", "gloo", 2, 8, 8, 1 << 20, False) == "nccl"

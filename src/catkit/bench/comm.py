@@ -386,8 +386,12 @@ def _tp_rows(rank: int, world: int, quick: bool, dev, card: str) -> list[dict]:
     n_params = full.num_params()
     del full
     _free(cuda)
+    # compression forced on (min_bytes=0) over the faster transport where it exists: symmetric
+    # memory on CUDA (2..8 ranks), else NCCL / gloo
+    transport = "symm" if cuda and world <= 8 and _symm_ok() else "nccl"
     methods = {"tp_exact": CommConfig("exact"),
-               **{f"tp_{m}": CommConfig("flash", bits=spec[0], gather_bits=spec[1], group_size=GROUP_SIZE, min_bytes=0)
+               **{f"tp_{m}": CommConfig("flash", bits=spec[0], gather_bits=spec[1], group_size=GROUP_SIZE, min_bytes=0,
+                                        transport=transport)
                   for m, spec in METHODS.items() if spec is not None}}
     iters, warmup = (3, 1) if quick or not cuda else (5, 2)
     rows, ref = [], None
@@ -408,12 +412,19 @@ def _tp_rows(rank: int, world: int, quick: bool, dev, card: str) -> list[dict]:
                "logit_rel_rms": err, "top1_agree": float((logits.argmax(-1) == base.argmax(-1)).float().mean()),
                "ppl": ppl, "correct": bool(math.isfinite(err) and same and err <= TP_TOLERANCE[name])}
         if name != "tp_exact":
+            row["transport"] = transport
             row["ppl_exact"] = rows[0]["ppl"]
             row["speedup_vs_exact"] = ref_ms / ms
         rows.append(row)
     del tp
     _free(cuda)
     return rows
+
+
+def _symm_ok() -> bool:
+    from catkit.dist.symm_all_reduce import symm_available
+
+    return symm_available() is None
 
 
 def _fallback_rows(rows: list[dict]) -> list[dict]:

@@ -60,7 +60,7 @@ from catkit.utils.device import check_tensor
 # memory): 2 GPUs, int6 wins from 64 MB (1.07x), int4 from 128 MB (1.39x), int8 only at 256 MB
 # (1.04x); 4 GPUs, int4 and int6 from 64 MB (1.22x / 1.04x there, 1.42x / 1.18x at 256 MB), int8
 # only at 256 MB (1.02x). Other world sizes use the int8 value until measured. On 2 GPUs
-# ``transport="auto"`` takes the symmetric-memory path from 32 MB (``SYMM_FASTER``), which skips
+# ``transport="auto"`` takes the symmetric-memory path from 64 MB (``SYMM_FASTER``), which skips
 # this fallback. "gloo" is 0 so CPU runs (tests) always take the compressed path; on CPU
 # compression is about correctness, not speed.
 FALLBACK_BYTES: dict = {"nccl": 256 << 20, ("nccl", 2, 4): 128 << 20, ("nccl", 4, 4): 64 << 20, "gloo": 0}
@@ -80,12 +80,14 @@ _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # picked by ``transport="auto"`` only in byte ranges [lo, hi) where it was MEASURED faster than
 # both this module's NCCL path and NCCL bf16 (the ``symm_faster_*`` rows of ``catkit bench
 # comm_symm``, which print the entry), keyed (world size, bits, gather_bits); there it also
-# skips the size fallback. 2 H200s (benchmarks/results/comm_symm-NVIDIA_H200-2gpu.json): faster
-# than both from 32 MB for every width (64 MB: int8 1.40x, int6 1.77x, int4 2.22x NCCL bf16;
-# 256 MB: 1.56x / 1.86x / 2.38x); below 32 MB the per-call host time (~0.1 ms for three launches
-# and two barriers) loses to NCCL's ~0.03 ms. Other world sizes: NCCL path until measured.
-SYMM_FASTER: dict = {(2, 8, 8): [(32 << 20, 512 << 20)], (2, 4, 8): [(32 << 20, 512 << 20)],
-                     (2, 4, 4): [(32 << 20, 512 << 20)]}
+# skips the size fallback. 2 H200s: faster than both from 64 MB in every run (64 MB: int8
+# 1.40-1.55x, int6 1.77-1.80x, int4 1.93-2.22x NCCL bf16; 256 MB: 1.56x / 1.85x / 2.38x;
+# benchmarks/results/comm_symm-NVIDIA_H200-2gpu.json, comm-NVIDIA_H200-2gpu.json). At 32 MB it
+# won in three runs (1.13-1.30x) and lost in one (0.74x): there the call is host bound (0.12-0.18
+# ms of host time for three launches and two barriers against NCCL's 0.136 ms), so 32 MB stays
+# with NCCL. Other world sizes: NCCL path until measured.
+SYMM_FASTER: dict = {(2, 8, 8): [(64 << 20, 512 << 20)], (2, 4, 8): [(64 << 20, 512 << 20)],
+                     (2, 4, 4): [(64 << 20, 512 << 20)]}
 TRANSPORTS = ("auto", "nccl", "symm")
 
 # Byte ranges [lo, hi) per world size where the exact fallback runs as ONE symmetric-memory kernel
@@ -113,7 +115,7 @@ class CommConfig:
     """How a tensor-parallel layer reduces its partial outputs.
 
     ``mode``: ``"exact"`` (``dist.all_reduce`` in the tensor's dtype) or ``"flash"``
-    (:func:`flash_all_reduce` with the remaining fields).
+    (:func:`flash_all_reduce` with the remaining fields, ``transport`` included).
     """
 
     mode: str = "exact"
@@ -124,10 +126,13 @@ class CommConfig:
     meta_dtype: torch.dtype = torch.float32
     min_bytes: int | None = None
     chunks: int | None = None
+    transport: str = "auto"
 
     def __post_init__(self):
         if self.mode not in ("exact", "flash"):
             raise ValueError(f"mode: expected 'exact' or 'flash', got {self.mode!r}")
+        if self.transport not in TRANSPORTS:
+            raise ValueError(f"transport: expected one of {TRANSPORTS}, got {self.transport!r}")
         check_quant_args(self.bits, self.group_size, self.meta_dtype)
         if self.gather_bits is not None:
             check_quant_args(self.gather_bits, self.group_size, self.meta_dtype, name="gather_bits")
@@ -511,4 +516,4 @@ def all_reduce(x: torch.Tensor, group=None, config: CommConfig | None = None, *,
     return flash_all_reduce(x, group, bits=config.bits, gather_bits=config.gather_bits,
                             group_size=config.group_size, spike_reserve=config.spike_reserve,
                             meta_dtype=config.meta_dtype, min_bytes=config.min_bytes, chunks=config.chunks,
-                            inplace=inplace)
+                            inplace=inplace, transport=config.transport)
