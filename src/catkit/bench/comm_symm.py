@@ -30,7 +30,7 @@ keeps compilation short (the 2-GPU check must finish in 3 minutes); ``--tune`` a
 library does by default.
 
 GPU: ``python -m catkit.bench.comm_symm --out DIR [--quick] [--tune]`` or
-``scripts/gpu_check_symm.sh DIR`` (the GPU test first, then this).
+``scripts/gpu_comm.sh DIR`` (the GPU tests first, then this, then ``catkit bench comm``).
 """
 
 from __future__ import annotations
