@@ -22,8 +22,8 @@ GPU_CASES = [  # (bits, gather_bits, group_size, numel, dtype, spike, meta)
 
 def _pin_one_tile():
     """One tile per kernel (both transports): the test checks bytes, not speed, and compiles 7x
-    less; 4096 values / 4 warps is the tile comm_symm's timing pins too (same process only), so the
-    timing reuses these compiled kernels. Every tile writes the same bytes (tests/ops)."""
+    less; 4096 values / 4 warps is the tile comm_symm's timing pins too, so it finds these kernels
+    in Triton's on-disk cache. Every tile writes the same bytes (tests/ops)."""
     from catkit.ops.quant import groupwise
 
     for t in (groupwise._quant_tuned, groupwise._dequant_tuned, groupwise._reduce_requant_tuned,
