@@ -178,6 +178,19 @@ def _step_rows(size: int, world: int, dev, card: str, g, tiles: str, ok: bool) -
     return rows
 
 
+def _ranges(wins: list[int], measured: list[int], from_zero: bool = False) -> list[tuple[int, int]]:
+    """Runs of winning sizes as [lo, hi) byte ranges (hi: the next measured size, or twice the
+    largest); ``from_zero`` starts a run at 0 when the smallest measured size wins."""
+    ranges = []
+    for s in wins:
+        nxt = next((m for m in measured if m > s), 2 * s)
+        if ranges and ranges[-1][1] == s:
+            ranges[-1] = (ranges[-1][0], nxt)
+        else:
+            ranges.append((0 if from_zero and s == measured[0] else s, nxt))
+    return ranges
+
+
 def symm_faster_rows(rows: list[dict]) -> list[dict]:
     """Per width: the measured sizes where ``symm_<w>`` was correct and faster than both NCCL bf16
     and ``flash_<w>``, and the [lo, hi) byte ranges built from runs of such sizes (hi: the next
@@ -188,13 +201,7 @@ def symm_faster_rows(rows: list[dict]) -> list[dict]:
         mine = {r["bytes"]: r for r in rows if r["method"] == f"symm_{w}"}
         wins = [s for s in measured if s in mine and mine[s]["correct"]
                 and mine[s]["ms"] < min(mine[s]["nccl_ms"], mine[s].get("flash_ms", 0.0))]
-        ranges = []
-        for s in wins:
-            nxt = next((m for m in measured if m > s), 2 * s)
-            if ranges and ranges[-1][1] == s:
-                ranges[-1] = (ranges[-1][0], nxt)
-            else:
-                ranges.append((s, nxt))
+        ranges = _ranges(wins, measured)
         world = next((r["world"] for r in rows), 0)
         out.append({"size": "-", "method": f"symm_faster_{w}", "world": world, "key": [world, b, gb],
                     "wins_bytes": wins, "ranges": [list(r) for r in ranges],
@@ -209,13 +216,7 @@ def symm_exact_faster_rows(rows: list[dict]) -> list[dict]:
     measured = sorted({r["bytes"] for r in rows if r["method"] == "nccl_bf16"})
     mine = {r["bytes"]: r for r in rows if r["method"] == "symm_exact"}
     wins = [s for s in measured if s in mine and mine[s]["correct"] and mine[s]["ms"] < mine[s]["nccl_ms"]]
-    ranges = []
-    for s in wins:
-        nxt = next((m for m in measured if m > s), 2 * s)
-        if ranges and ranges[-1][1] == s:
-            ranges[-1] = (ranges[-1][0], nxt)
-        else:
-            ranges.append((0 if s == measured[0] else s, nxt))
+    ranges = _ranges(wins, measured, from_zero=True)
     world = next((r["world"] for r in rows), 0)
     return [{"size": "-", "method": "symm_exact_faster", "world": world, "key": world, "wins_bytes": wins,
              "ranges": [list(r) for r in ranges], "correct": all(r["correct"] for r in mine.values())}]
