@@ -54,7 +54,10 @@ def test_bound_launch_matches_plain_call(seed):
 
 
 @pytest.mark.gpu
-def test_bound_launch_replays_on_gpu(seed):
+def test_bound_launch_replays_on_gpu(seed, monkeypatch):
+    import catkit.utils.fast_launch as fl
+
+    monkeypatch.setattr(fl, "REPLAY", True)
     n, a = 1000, -1.25
     f, y = _launch(n, a, "cuda")
     _check(f, y, torch.randn(n, device="cuda"), a)
@@ -125,6 +128,7 @@ def replayable(monkeypatch):
     """BoundLaunch as on a GPU: not interpreted, a stream from the driver, no hooks registered."""
     import catkit.utils.fast_launch as fl
 
+    monkeypatch.setattr(fl, "REPLAY", True)
     monkeypatch.setattr(fl, "interpreted", lambda: False)
     monkeypatch.setattr(fl, "_current_stream", lambda: 7)
     monkeypatch.setattr(fl, "_hooks_set", lambda: False)
@@ -167,6 +171,18 @@ def test_rejected_argument_list_falls_back_for_good(replayable):
     for _ in range(3):
         f(x, x)
     assert f.replays == 0 and len(jit.plain) == 3 and replayable._DISABLED
+
+
+def test_replay_is_off_until_verified_on_a_gpu():
+    import catkit.utils.fast_launch as fl
+
+    comp = _FakeCompiled()
+    jit = _FakeJit(comp)
+    f = fl.BoundLaunch(jit, (1,), (torch.zeros(4), 4), dict(B=64, SHIFT=1))
+    x = torch.zeros(4)
+    f(x, x)
+    f(x, x)
+    assert fl.REPLAY or (f.replays == 0 and len(jit.plain) == 2)
 
 
 def test_hook_detection_understands_hook_chains():

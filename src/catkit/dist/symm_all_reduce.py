@@ -210,7 +210,7 @@ if triton is not None:
 def _bind_grid(tuned, grid, args: tuple, const: dict, config):
     """``f(*lead)``: like groupwise's ``_bind`` but with a grid function of the tile's groups
     per program (step 1's grid is 2-D): autotune on the first call, then launch the chosen
-    config's kernel as a ``BoundLaunch`` replay (no autotuner or binding work per call)."""
+    config's kernel through a ``BoundLaunch`` (no autotuner work per call)."""
     def fixed(cfg):
         return BoundLaunch(tuned.fn, grid(cfg.kwargs["VALS"] // const["G"]), args, {**const, **cfg.all_kwargs()})
 

@@ -325,8 +325,8 @@ def _bind(tuned, units: int, G: int, args: tuple, const: dict, config):
     ``config`` = (values per program, warps) launches that tile directly (tests, the sweep).
     Otherwise the first call goes through the autotuner (which tunes once per size bucket for the
     whole process) and then re-binds to the JIT kernel with the chosen config and a fixed grid, so
-    every later call is a ``BoundLaunch`` replay: no autotuner key building, cache lookup or
-    argument binding per call (the all-reduce's plan relies on cheap launches).
+    every later call is a ``BoundLaunch``: no autotuner key building or cache lookup per call,
+    and no argument binding once its replay is on (the all-reduce's plan relies on cheap launches).
     """
     def fixed(cfg):
         return BoundLaunch(tuned.fn, (triton.cdiv(units, cfg.kwargs["VALS"] // G),), args,
