@@ -287,6 +287,9 @@ def clear_plan_cache() -> None:
     symm = sys.modules.get("catkit.dist.symm_all_reduce")
     if symm is not None:  # the symmetric-memory transport's plans too, if it was ever used
         symm.clear_symm_plans()
+    exact = sys.modules.get("catkit.dist.symm_exact")
+    if exact is not None:  # and the one-shot fallback's buffers
+        exact.clear_buffers()
 
 
 atexit.register(clear_plan_cache)

@@ -58,7 +58,8 @@ def _buffer(group, device: torch.device):
 
 
 def clear_buffers() -> None:
-    """Drop the symmetric buffers (call on every rank alike)."""
+    """Drop the symmetric buffers (call on every rank alike; ``catkit.dist.clear_plan_cache``
+    does, also at exit)."""
     _BUFFERS.clear()
 
 
