@@ -487,10 +487,10 @@ def flash_all_reduce(
     # "auto" with sliced messages asked for stays on the NCCL path (the only one that slices)
     if (chunks in (None, 1) and (min_bytes is None or nbytes >= min_bytes)
             and resolve_transport(transport, backend, world, bits, gather_bits, nbytes, x.is_cuda) == "symm"):
-        from catkit.dist.symm_all_reduce import symm_all_reduce  # CUDA-only module, loaded on first use
+        from catkit.dist.symm_all_reduce import symm_all_reduce_checked  # CUDA-only, loaded on first use
 
-        return symm_all_reduce(x, group, bits=bits, gather_bits=gather_bits, group_size=group_size,
-                               spike_reserve=spike_reserve, meta_dtype=meta_dtype, inplace=inplace)
+        return symm_all_reduce_checked(x, group, world, bits, gather_bits, group_size, spike_reserve, meta_dtype,
+                                       inplace)
     if min_bytes is None:
         threshold = fallback_bytes(backend, world, bits)
     else:
