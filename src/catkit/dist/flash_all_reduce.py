@@ -405,7 +405,7 @@ def _exact_fallback(x, group, world: int, backend: str, nbytes: int, inplace: bo
         from catkit.dist import symm_exact  # CUDA-only, loaded on first use
 
         if symm_exact.usable(x, world):  # same answer on every rank: dtype, size and world only
-            return symm_exact.symm_exact_all_reduce(x, group, inplace=inplace)
+            return symm_exact.symm_exact_checked(x, group, inplace)
     if inplace:
         dist.all_reduce(x, group=group)
         return x
