@@ -85,9 +85,12 @@ _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # benchmarks/results/comm_symm-NVIDIA_H200-2gpu.json, comm-NVIDIA_H200-2gpu.json). At 32 MB it
 # won in three runs (1.13-1.30x) and lost in one (0.74x): there the call is host bound (0.12-0.18
 # ms of host time for three launches and two barriers against NCCL's 0.136 ms), so 32 MB stays
-# with NCCL. Other world sizes: NCCL path until measured.
+# with NCCL. 4 H100s (comm_symm-NVIDIA_H100_80GB_HBM3-4gpu.json): faster than both from 16 MB
+# (16 MB: 1.35-1.38x; 64 MB: int8 1.16x, int6 1.51x, int4 1.87x; 256 MB: 1.11x / 1.47x / 1.83x,
+# the auto pass of comm-NVIDIA_H100_80GB_HBM3-4gpu.json). Other world sizes: NCCL path until measured.
 SYMM_FASTER: dict = {(2, 8, 8): [(64 << 20, 512 << 20)], (2, 4, 8): [(64 << 20, 512 << 20)],
-                     (2, 4, 4): [(64 << 20, 512 << 20)]}
+                     (2, 4, 4): [(64 << 20, 512 << 20)], (4, 8, 8): [(16 << 20, 512 << 20)],
+                     (4, 4, 8): [(16 << 20, 512 << 20)], (4, 4, 4): [(16 << 20, 512 << 20)]}
 TRANSPORTS = ("auto", "nccl", "symm")
 
 # Byte ranges [lo, hi) per world size where the exact fallback runs as ONE symmetric-memory kernel
@@ -95,8 +98,9 @@ TRANSPORTS = ("auto", "nccl", "symm")
 # faster there (the ``symm_exact_faster`` row of ``catkit bench comm_symm`` prints the entry).
 # Only bf16 / fp32 without autograd; everything else below the threshold is NCCL. 2 H200s
 # (benchmarks/results/comm_symm-NVIDIA_H200-2gpu.json): 1.1-2.2x faster than NCCL bf16 from 8 KB
-# to 2 MB (0.015-0.023 ms against 0.023-0.035 ms, bit for bit NCCL's sum), slower from 4 MB.
-SYMM_EXACT_FASTER: dict = {2: [(0, 4 << 20)]}
+# to 2 MB (0.015-0.023 ms against 0.023-0.035 ms, bit for bit NCCL's sum), slower from 4 MB; 4
+# H100s (comm_symm-NVIDIA_H100_80GB_HBM3-4gpu.json): the same range.
+SYMM_EXACT_FASTER: dict = {2: [(0, 4 << 20)], 4: [(0, 4 << 20)]}
 
 
 def resolve_transport(transport: str, backend: str, world: int, bits: int, gather_bits: int, nbytes: int,
