@@ -42,6 +42,7 @@ import torch
 import triton
 import triton.language as tl
 
+from catkit.ops.delta_rule.chunk_fwd_state import _mm_rnd, best_first, chunk_fwd_state_kernel, state_options
 from catkit.utils.triton_utils import interpreted
 
 
@@ -261,12 +262,18 @@ def chunk_tsolve_kernel(A, Tm, chunk_indices, cu_seqlens, H: tl.constexpr, BT: t
 @triton.jit
 def chunk_prep_kernel(k, v, G, Tm, W, U, QG, KD, q, chunk_indices, cu_seqlens,
                       H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr,
-                      BKS: tl.constexpr, DOT_PREC: tl.constexpr):
-    """Per (chunk, head, column block s): W = T (K e^G), QG = Q e^G, KD = K e^(G_C - G) on key
-    columns [s BKS, (s+1) BKS) and U = T V on the same value columns (either part skipped past
-    K or V). Splitting columns over programs keeps each small (one dot per part); every program
-    re-reads T (BT^2 fp32, from L2). Bytes per (chunk, head): BT^2 fp32 per program + 3 BT K bf16
-    and BT K fp32 in, BT V bf16 in; 3 BT K + BT V bf16 out.
+                      BKS: tl.constexpr, DOT_PREC: tl.constexpr, NSB: tl.constexpr = 1,
+                      PREP_BF16: tl.constexpr = 0, NATIVE: tl.constexpr = 1):
+    """Per (chunk, head, group s of NSB column blocks): W = T (K e^G), QG = Q e^G, KD = K e^(G_C - G)
+    on key columns [b BKS, (b+1) BKS) and U = T V on the same value columns (either part skipped
+    past K or V), for the blocks b of the group. Splitting columns over programs keeps each small
+    (one dot per part); every program re-reads T (BT^2 fp32, from L2). Bytes per (chunk, head):
+    BT^2 fp32 per program + 3 BT K bf16 and BT K fp32 in, BT V bf16 in; 3 BT K + BT V bf16 out.
+    Variants (scripts/sweep_delta_fwd_variants.py; PREP_BEST): NSB > 1 loops over NSB column
+    blocks with T loaded once (default 1: max(K, V) / BKS programs per chunk and head, each loading
+    and converting the same [BT, BT] T: 4 x 16 KB at BKS 32, K = V = 128); PREP_BF16 (bf16 inputs
+    only) runs the two products on bf16 operands (T, K e^G and V rounded; fp32 accumulation): the
+    results are stored in bf16 anyway, and bf16 MMAs issue half the instructions of tf32 ones.
     """
     i_t, i_h, i_s = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     t0, eos = _seq_bounds(chunk_indices, cu_seqlens, i_t, BT)
@@ -277,96 +284,30 @@ def chunk_prep_kernel(k, v, G, Tm, W, U, QG, KD, q, chunk_indices, cu_seqlens,
     offc = (t0 + rows)[:, None] * (H * BT) + i_h * BT + cols[None, :]
     # T is lower triangular (chunk_tsolve stores its upper part as zeros)
     b_T = tl.load(Tm + offc, mask=valid[:, None], other=0.0)
-    cs = i_s * BKS + tl.arange(0, BKS)
-    if i_s * BKS < K:
-        m = valid[:, None] & (cs[None, :] < K)
-        off = (t0 + rows)[:, None] * (H * K) + i_h * K + cs[None, :]
-        b_k = tl.load(k + off, mask=m, other=0.0).to(tl.float32)
-        b_G = tl.load(G + off, mask=m, other=0.0)
-        b_eG = tl.exp(b_G)
-        b_W = tl.dot(b_T, b_k * b_eG, input_precision=DOT_PREC)
-        tl.store(W + off, b_W.to(W.dtype.element_ty), mask=m)
-        b_q = tl.load(q + off, mask=m, other=0.0).to(tl.float32)
-        tl.store(QG + off, (b_q * b_eG).to(QG.dtype.element_ty), mask=m)
-        G_l = tl.load(G + last * (H * K) + i_h * K + cs, mask=cs < K, other=0.0)
-        b_kd = tl.where(m, b_k * tl.exp(tl.where(m, G_l[None, :] - b_G, 0.0)), 0.0)
-        tl.store(KD + off, b_kd.to(KD.dtype.element_ty), mask=m)
-    if i_s * BKS < V:
-        mv = valid[:, None] & (cs[None, :] < V)
-        offv = (t0 + rows)[:, None] * (H * V) + i_h * V + cs[None, :]
-        b_v = tl.load(v + offv, mask=mv, other=0.0).to(tl.float32)
-        b_U = tl.dot(b_T, b_v, input_precision=DOT_PREC)
-        tl.store(U + offv, b_U.to(U.dtype.element_ty), mask=mv)
-
-
-@triton.jit
-def _state_loads(U, W, KD, G, t0, eos, i_h, cv, H: tl.constexpr, K: tl.constexpr,
-                 V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr):
-    """W, KD^T ([BK, BT], straight into the update product), U and G at the chunk's last row, for
-    the chunk starting at token t0 (all masked when t0 >= eos)."""
-    rows = tl.arange(0, BT)
-    ck = tl.arange(0, BK)
-    valid = (t0 + rows) < eos
-    m = valid[:, None] & (ck[None, :] < K)
-    mv = valid[:, None] & (cv[None, :] < V)
-    off = (t0 + rows)[:, None] * (H * K) + i_h * K + ck[None, :]
-    offv = (t0 + rows)[:, None] * (H * V) + i_h * V + cv[None, :]
-    b_W = tl.load(W + off, mask=m, other=0.0)
-    b_kdt = tl.load(KD + tl.trans(off), mask=tl.trans(m), other=0.0)
-    b_U = tl.load(U + offv, mask=mv, other=0.0).to(tl.float32)
-    last = tl.maximum(tl.minimum(t0 + BT, eos) - 1, 0)
-    G_l = tl.load(G + last * (H * K) + i_h * K + ck, mask=(ck < K) & (t0 + ck * 0 < eos), other=0.0)
-    return b_W, b_kdt, b_U, G_l
-
-
-@triton.jit
-def chunk_fwd_state_kernel(U, W, KD, G, vn, h, h0, ht, cu_seqlens, chunk_offsets,
-                           H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
-                           BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-                           HAS_H0: tl.constexpr, STORE_FINAL: tl.constexpr,
-                           DOT_PREC: tl.constexpr, PREFETCH: tl.constexpr):
-    # One program carries the [K, BV] slice of one sequence/head's state through its chunks; V
-    # columns of S evolve independently (Vn[:, v] depends only on S[:, v]), hence the V tiling.
-    # Only what the recurrence needs is done here (Vn and the chunk-start states); everything
-    # independent of S was precomputed by chunk_prep, and the output is chunk_fwd_o's, in parallel.
-    # Products run on fp32 operands at DOT_PREC (tf32 for 16-bit inputs): the bf16-operand form
-    # of this loop miscompiled on an H200 with Triton 3.6 (wrong states, then an illegal memory
-    # access), and the tf32 form measured faster there than the earlier bf16 loop that also
-    # produced O (1.07 vs 1.41 ms at 32K tokens x 16 heads).
-    i_v, i_nh = tl.program_id(0), tl.program_id(1)
-    i_n = i_nh // H
-    i_h = i_nh % H
-    bos = tl.load(cu_seqlens + i_n)
-    eos = tl.load(cu_seqlens + i_n + 1)
-    boh = tl.load(chunk_offsets + i_n)
-    NC = tl.cdiv(eos - bos, BT)
-    rows = tl.arange(0, BT)
-    ck = tl.arange(0, BK)
-    cv = i_v * BV + tl.arange(0, BV)
-    mkv = (ck[:, None] < K) & (cv[None, :] < V)
-    off_s = i_h * K * V + ck[:, None] * V + cv[None, :]
-    b_S = tl.zeros([BK, BV], dtype=tl.float32)
-    if HAS_H0:
-        b_S = tl.load(h0 + i_n * H * K * V + off_s, mask=mkv, other=0.0).to(tl.float32)
-    # The loads of chunk c + 1 (independent of S) are issued before chunk c's products, so their
-    # latency hides behind the two dots instead of stalling the serial chain every chunk; past the
-    # last chunk every lane is masked.
-    b_W, b_kdt, b_U, G_l = _state_loads(U, W, KD, G, bos, eos, i_h, cv, H, K, V, BT, BK)
-    for c in range(0, NC):
-        t0 = bos + c * BT
-        tl.store(h + (boh + c) * H * K * V + off_s, b_S, mask=mkv)
-        if PREFETCH:
-            n_W, n_kdt, n_U, n_G = _state_loads(U, W, KD, G, t0 + BT, eos, i_h, cv, H, K, V, BT, BK)
-        b_vn = b_U - tl.dot(b_W.to(tl.float32), b_S, input_precision=DOT_PREC)
-        offv = (t0 + rows)[:, None] * (H * V) + i_h * V + cv[None, :]
-        mv = ((t0 + rows) < eos)[:, None] & (cv[None, :] < V)
-        tl.store(vn + offv, b_vn.to(vn.dtype.element_ty), mask=mv)
-        b_S = b_S * tl.exp(G_l)[:, None] + tl.dot(b_kdt.to(tl.float32), b_vn, input_precision=DOT_PREC)
-        if not PREFETCH:  # the earlier order (for the sweep): loads wait for the products
-            n_W, n_kdt, n_U, n_G = _state_loads(U, W, KD, G, t0 + BT, eos, i_h, cv, H, K, V, BT, BK)
-        b_W, b_kdt, b_U, G_l = n_W, n_kdt, n_U, n_G
-    if STORE_FINAL:
-        tl.store(ht + i_n * H * K * V + off_s, b_S, mask=mkv)
+    if PREP_BF16:  # rounded once, not per column block
+        b_T = b_T.to(tl.bfloat16)
+    for j in range(0, NSB):
+        i_b = i_s * NSB + j
+        cs = i_b * BKS + tl.arange(0, BKS)
+        if i_b * BKS < K:
+            m = valid[:, None] & (cs[None, :] < K)
+            off = (t0 + rows)[:, None] * (H * K) + i_h * K + cs[None, :]
+            b_k = tl.load(k + off, mask=m, other=0.0).to(tl.float32)
+            b_G = tl.load(G + off, mask=m, other=0.0)
+            b_eG = tl.exp(b_G)
+            b_W = _mm_rnd(b_T, b_k * b_eG, PREP_BF16, NATIVE, DOT_PREC)
+            tl.store(W + off, b_W.to(W.dtype.element_ty), mask=m)
+            b_q = tl.load(q + off, mask=m, other=0.0).to(tl.float32)
+            tl.store(QG + off, (b_q * b_eG).to(QG.dtype.element_ty), mask=m)
+            G_l = tl.load(G + last * (H * K) + i_h * K + cs, mask=cs < K, other=0.0)
+            b_kd = tl.where(m, b_k * tl.exp(tl.where(m, G_l[None, :] - b_G, 0.0)), 0.0)
+            tl.store(KD + off, b_kd.to(KD.dtype.element_ty), mask=m)
+        if i_b * BKS < V:
+            mv = valid[:, None] & (cs[None, :] < V)
+            offv = (t0 + rows)[:, None] * (H * V) + i_h * V + cs[None, :]
+            b_v = tl.load(v + offv, mask=mv, other=0.0)
+            b_U = _mm_rnd(b_T, b_v, PREP_BF16, NATIVE, DOT_PREC)
+            tl.store(U + offv, b_U.to(U.dtype.element_ty), mask=mv)
 
 
 @triton.jit
@@ -472,27 +413,31 @@ def chunk_fwd(q, k, v, g, scale, initial_state, output_final_state, meta, save):
     W = torch.empty(NTOK, H, K, device=dev, dtype=q.dtype)
     QG, KD = torch.empty_like(W), torch.empty_like(W)
     U = torch.empty(NTOK, H, V, device=dev, dtype=q.dtype)
-    COMPILED["chunk_tsolve_kernel"] = chunk_tsolve_kernel[(NT, H)](
-        A, Tm, ci, cu, H=H, BT=BT, BC=BC, INV_PREC=pr["INV_PREC"], num_warps=4, num_stages=1)
-    launch(chunk_prep_kernel, lambda o: (NT, H, triton.cdiv(max(K, V), o["BKS"])),
+    launch(chunk_tsolve_kernel, lambda o: (NT, H), (A, Tm, ci, cu),
+           dict(H=H, BT=BT, BC=BC, INV_PREC=pr["INV_PREC"]), tsolve_options())
+    native = not interpreted()
+    launch(chunk_prep_kernel, lambda o: (NT, H, triton.cdiv(max(K, V), o["BKS"] * o.get("NSB", 1))),
            (k, v, G, Tm, W, U, QG, KD, q, ci, cu),
-           dict(H=H, K=K, V=V, BT=BT, DOT_PREC=pr["DOT_PREC"]), prep_options(K, V))
+           dict(H=H, K=K, V=V, BT=BT, DOT_PREC=pr["DOT_PREC"], NATIVE=native),
+           for_inputs(prep_options(K, V), q.dtype, BK))
     o = torch.empty(NTOK, H, V, device=dev, dtype=q.dtype)
     # Vn and the per-chunk start states are written even for inference: the output kernel reads
     # them (and an earlier variant that skipped them hit an illegal memory access on an H200 with
     # Triton 3.6).
     vn = torch.empty(NTOK, H, V, device=dev, dtype=opd)
-    h = torch.empty(NT, H, K, V, device=dev, dtype=torch.float32)
+    sopts = for_inputs(state_options(V, N * H, dev), q.dtype, BK)
+    # H_BF16 (a host option of the state pass, see chunk_fwd_state.py): h in bf16 on the bf16 path
+    h = torch.empty(NT, H, K, V, device=dev, dtype=torch.bfloat16 if sopts[0].get("H_BF16") else torch.float32)
     ht = torch.empty(N, H, K, V, device=dev, dtype=torch.float32) if output_final_state else o
     h0 = initial_state if initial_state is not None else o
     launch(chunk_fwd_state_kernel, lambda opt: (triton.cdiv(V, opt["BV"]), N * H),
            (U, W, KD, G, vn, h, h0, ht, cu, meta["chunk_offsets"]),
            dict(H=H, K=K, V=V, BT=BT, BK=BK, HAS_H0=initial_state is not None,
-                STORE_FINAL=output_final_state, DOT_PREC=pr["DOT_PREC"]), state_options(V, N * H, dev))
+                STORE_FINAL=output_final_state, DOT_PREC=pr["DOT_PREC"], NATIVE=native), _kernel_opts(sopts))
     launch(chunk_fwd_o_kernel, lambda opt: (triton.cdiv(V, opt["BV"]), NT, H),
            (QG, P, vn, h, o, ci, cu, scale),
            dict(H=H, K=K, V=V, BT=BT, BK=BK, OP_BF16=pr["OP_BF16"], DOT_PREC=pr["DOT_PREC"]),
-           vtile_options(V))
+           _kernel_opts(o_options(V)))
     saved = dict(G=G, Tm=Tm, W=W, P=P, vn=vn, h=h, QG=QG, KD=KD) if save else None
     return o, (ht if output_final_state else None), saved
 
@@ -515,31 +460,6 @@ def vtile_options(V):
             for bv in sorted({top, 16}, reverse=True) for w in (8, 4)]
 
 
-# Issue chunk c+1's loads before chunk c's products in chunk_fwd_state (+~40 registers on
-# sm_90: 149 -> 179 at BV = 16, 185 -> 220 at BV = 32, 8 warps, Triton 3.9 estimates).
-STATE_PREFETCH = True
-
-
-def state_options(V, NH, dev):
-    """V tiles for the sequential state pass: its grid is only NH * V / BV programs (64 at
-    N = 1, H = 16, V = 128, BV = 32: half of an H100/H200's SMs idle for the whole pass), so
-    BV = 16 goes first when BV = 32 would leave SMs empty. BV = 16 reads W and KD twice as often
-    (per chunk and program: BT K bf16 each, from L2 when the V tiles of a head run together), so
-    it is not the default when the grid fills the card anyway. Bytes per (chunk, head, V tile):
-    2 BT K bf16 + BT BV bf16 in (W, KD, U), BT BV + K BV fp32 out (Vn, the chunk-start state).
-    """
-    # prefetch only at BV = 16: at BV = 32 the H200 profile had 226 registers (Triton 3.6) before
-    # it, and the ~40 it adds on sm_90 would spill there; scripts/sweep_delta_fwd.py times both
-    opts = [dict(o, PREFETCH=STATE_PREFETCH and o["BV"] <= 16) for o in vtile_options(V)]
-    sms = torch.cuda.get_device_properties(dev).multi_processor_count if dev.type == "cuda" else 0
-    if NH * triton.cdiv(V, opts[0]["BV"]) < sms:
-        # 4 warps first at BV = 16: with 8 warps, bf16 W / KD and a [BT, BK] x [BK, 16] product,
-        # Triton 3.6 on an H200 made an illegal memory access in this kernel (varlen, partial
-        # chunks; the fp32 path and 4 warps were fine), measured by scripts/check_delta_fwd_kernels.py
-        opts = sorted(opts, key=lambda o: (o["BV"], o["num_warps"]))
-    return opts
-
-
 def intra_options(BK, K):
     """(BKS, NK, FAST_EXP, num_warps, num_stages) for the small per-sub-chunk kernel, fastest
     first. Measured on an H200 (Triton 3.6, bf16, K = 128, 32K tokens x 16 heads;
@@ -550,12 +470,88 @@ def intra_options(BK, K):
             for st in _stages() for b, w in ((32, 2), (16, 2), (16, 4), (32, 4))]
 
 
+# Fastest correct options of scripts/sweep_delta_fwd_variants.py (its BEST_FWD_OPTION lines), tried
+# before the GPU-verified defaults (STATE_BEST / STATE_BEST_FEW live in chunk_fwd_state.py); None
+# keeps the default first.
+PREP_BEST = None
+O_BEST = None
+TSOLVE_BEST = None
+
+
+def for_inputs(opts, dtype, BK):
+    """The variant switches a call can honour: bf16-operand variants (STATE_BF16, PREP_BF16,
+    H_BF16) only for bf16 inputs, KSPLIT 2 only where each half holds >= 16 key channels."""
+    bf16 = dtype == torch.bfloat16
+    out = []
+    for o in opts:
+        o = dict(o)
+        for n in ("STATE_BF16", "PREP_BF16", "H_BF16"):
+            if n in o and not bf16:
+                o[n] = 0
+        if o.get("KSPLIT", 1) > 1 and BK < 32:
+            o["KSPLIT"] = 1
+        out.append(o)
+    return out
+
+
+def _kernel_opts(opts):
+    # H_BF16 is the host's (the dtype of h); the kernels store to / read from whatever h is
+    return [{n: v for n, v in o.items() if n != "H_BF16"} for o in opts]
+
+
+def tsolve_options():
+    """num_warps for chunk_tsolve (one [BT, BT] program per chunk and head)."""
+    return best_first(TSOLVE_BEST, [dict(num_warps=4, num_stages=1), dict(num_warps=8, num_stages=1)])
+
+
+def tsolve_sweep_options():
+    return tsolve_options() + [o for o in (dict(num_warps=2, num_stages=1),) if o not in tsolve_options()]
+
+
+def o_options(V):
+    """(BV, num_warps, num_stages) for chunk_fwd_o (52 registers at BV 32 on sm_90a)."""
+    return best_first(O_BEST, vtile_options(V))
+
+
+def o_sweep_options(V):
+    """chunk_fwd_o options for the sweep: today's first, then wider V tiles (fewer programs
+    re-reading the same QG / P tiles) and fewer warps. ``H_BF16`` there names the h the option is
+    timed on (the sweep hands it a bf16 copy); the kernel takes either."""
+    first = o_options(V)[0]
+    bv = lambda b: min(b, max(16, triton.next_power_of_2(V)))  # noqa: E731
+    opts = [first, dict(first, H_BF16=1)]
+    for b, w, hb in ((64, 4, 1), (64, 8, 1), (32, 4, 1), (128, 8, 1), (64, 4, 0), (64, 8, 0), (32, 4, 0),
+                     (128, 8, 0), (16, 4, 1), (128, 4, 1)):
+        o = dict(BV=bv(b), num_warps=w, num_stages=first["num_stages"], H_BF16=hb)
+        if o not in opts and not (hb == 0 and dict(o, H_BF16=0) == dict(first, H_BF16=0)):
+            opts.append(o)
+    return opts
+
+
 def prep_options(K, V):
-    """(BKS, num_warps, num_stages) for chunk_prep: column block width (programs per chunk and
-    head = max(K, V) / BKS)."""
+    """(BKS, num_warps, num_stages[, NSB, PREP_BF16]) for chunk_prep: column block width
+    (programs per chunk and head = max(K, V) / (BKS NSB)). 94 registers at BKS 32, 4 warps
+    (sm_90a estimate)."""
     top = min(32, max(16, triton.next_power_of_2(max(K, V))))
-    return [dict(BKS=b, num_warps=w, num_stages=st) for st in _stages()
-            for b in sorted({top, 16}, reverse=True) for w in (4, 8)]
+    return best_first(PREP_BEST, [dict(BKS=b, num_warps=w, num_stages=st) for st in _stages()
+                                  for b in sorted({top, 16}, reverse=True) for w in (4, 8)])
+
+
+def prep_sweep_options(K, V):
+    """chunk_prep options for the sweep, today's first: NSB column blocks per program (T loaded
+    once per program) and bf16 products, most promising first."""
+    first = prep_options(K, V)[0]
+    mx = max(16, triton.next_power_of_2(max(K, V)))
+    opts = [first]
+    # (BKS, NSB, PREP_BF16, num_warps)
+    for b, n, pb, w in ((32, 4, 1, 4), (32, 4, 0, 4), (64, 2, 1, 4), (64, 2, 1, 8), (32, 2, 1, 4), (32, 1, 1, 4),
+                        (64, 1, 1, 4), (128, 1, 1, 8), (16, 8, 1, 4), (32, 4, 1, 8), (64, 2, 0, 8), (16, 4, 1, 2)):
+        b = min(b, mx)
+        n = max(1, min(n, mx // b))
+        o = dict(BKS=b, num_warps=w, num_stages=first["num_stages"], NSB=n, PREP_BF16=pb)
+        if o not in opts:
+            opts.append(o)
+    return opts
 
 
 def kblock_options(BK, K):
