@@ -534,7 +534,8 @@ def prep_options(K, V):
     (sm_90a estimate)."""
     top = min(32, max(16, triton.next_power_of_2(max(K, V))))
     return best_first(PREP_BEST, [dict(BKS=b, num_warps=w, num_stages=st) for st in _stages()
-                                  for b in sorted({top, 16}, reverse=True) for w in (4, 8)])
+                                  for b in sorted({top, 16}, reverse=True) for w in (4, 8)],
+                      max(16, triton.next_power_of_2(max(K, V))))
 
 
 def prep_sweep_options(K, V):
