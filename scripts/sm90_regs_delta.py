@@ -48,7 +48,10 @@ def usage(fn, consts, num_warps):
 def main():
     only = set(sys.argv[2].split(",")) if len(sys.argv) > 2 else None
     base = dict(H=H, K=K, V=V, BT=BT, BK=BK, BC=16, OP_BF16=True, DOT_PREC="tf32",
-                INV_PREC=os.environ.get("INV_PREC", "tf32x3"), HAS_H0=True, STORE_FINAL=True)
+                INV_PREC=os.environ.get("INV_PREC", "tf32x3"), HAS_H0=True, STORE_FINAL=True,
+                # the forward variants' switches at their defaults (a constexpr left out would be
+                # typed as a pointer here); scripts/sweep_delta_fwd_variants.py --regs covers the rest
+                STATE_BF16=0, KSPLIT=1, NATIVE=True, NSB=1, PREP_BF16=0)
     kernels = (("intra", cf.chunk_intra_kernel, cf.intra_options(BK, K)),
                ("tsolve", cf.chunk_tsolve_kernel, [dict(num_warps=4), dict(num_warps=8)]),
                ("prep", cf.chunk_prep_kernel, cf.prep_options(K, V)),

@@ -1,0 +1,356 @@
+"""Time the delta-rule forward kernels alone per variant x launch option: chunk_fwd_state (STATE_BF16
+x KSPLIT x PREFETCH x H_BF16 x BV/warps, ``chunk_fwd_state.state_sweep_options``), chunk_prep (NSB
+x PREP_BF16 x BKS/warps, ``chunk_fwd.prep_sweep_options``), chunk_fwd_o (BV/warps on an fp32 or a
+bf16 h, ``o_sweep_options``) and chunk_tsolve (warps).
+
+Usage (GPU): PYTHONUNBUFFERED=1 PYTHONPATH=src python3 scripts/sweep_delta_fwd_variants.py OUT_DIR
+      (CPU):  PYTHONPATH=src SMALL=1 python3 scripts/sweep_delta_fwd_variants.py OUT_DIR   (or --small;
+              TRITON_INTERPRET=1, tiny shapes, wall-clock times)
+      (regs): PYTHONPATH=src python3 scripts/sweep_delta_fwd_variants.py --regs   (no GPU: every sweep
+              option compiled for sm_90a by the installed Triton, via scripts/sm90_regs_delta.py)
+BUDGET_S (default 150): stop starting new options past this many seconds (skipped ones are listed).
+
+For every option (the first rows of each kernel are today's defaults, the GPU-verified baseline):
+  * time: the kernel alone (triton.testing.do_bench median) at B*T = 32K tokens (T = 2048, B = 16
+    and T = 32768, B = 1, packed as equal-length sequences), H = 16, K = V = 128, bf16, on the
+    inputs the real fg2 forward hands it (captured from chunk_fwd's launches);
+  * check vs the default: its outputs on those inputs against the default option's (rel RMS);
+  * check vs fp64: the whole fg2 forward + backward with that option (others at their defaults) on
+    packed odd-length sequences (300, 77, 1000 tokens; mild and x30 decay) against the fp64 token
+    loop on the same bf16-rounded inputs: o, final state, dq, dk, dv, dg, dbk (bounds 3e-2, dg
+    6e-2, or 1.25 x the default options' own error where that is larger);
+  * registers / spills of the compiled kernel.
+One line per option, OUT_DIR/sweep-fwd.json (rewritten after every option), then per kernel
+``BEST_FWD_OPTION=`` a python literal dict(kernel=..., hook=..., option=..., ms=..., default_ms=...):
+the fastest correct option by the sum of the two shapes' times (the state pass: per shape, since its
+grid differs: STATE_BEST from T = 2048 x 16, STATE_BEST_FEW from T = 32768 x 1). To use it: paste
+``option`` as that hook (PREP_BEST / O_BEST / TSOLVE_BEST in src/catkit/ops/delta_rule/chunk_fwd.py,
+STATE_BEST / STATE_BEST_FEW in chunk_fwd_state.py); it is then tried first. Finally
+``PIPELINE`` lines time the whole forward and forward + backward with the defaults and with all
+BEST options applied (the backward gains from a bf16 h too).
+"""
+import json
+import os
+import sys
+import time
+
+import torch
+
+SMALL = bool(os.environ.get("SMALL")) or "--small" in sys.argv
+if SMALL and not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import torch.nn.functional as F  # noqa: E402
+import triton  # noqa: E402
+
+import catkit.ops.delta_rule.chunk_fwd as cf  # noqa: E402
+import catkit.ops.delta_rule.chunk_fwd_state as cs  # noqa: E402
+from catkit.ops.delta_rule import chunk_fg2_delta_rule  # noqa: E402
+from catkit.ops.delta_rule.naive import naive_fg2_delta_rule  # noqa: E402
+from catkit.utils.testing import rel_rms  # noqa: E402
+
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+if SMALL:
+    H, D, SHAPES, CHECK_LENS = 2, 32, [(128, 2), (256, 1)], [70, 45]
+else:
+    # the checks use the timing's H and D: kernel constants, so each option compiles once
+    H, D, SHAPES, CHECK_LENS = 16, 128, [(2048, 16), (32768, 1)], [300, 77, 1000]
+BUDGET_S = float(os.environ.get("BUDGET_S", "150"))
+NAMES = ("o", "ht", "q", "k", "v", "g", "bk")
+BOUND64 = {"*": 3e-2, "g": 6e-2}
+# vs the default option on the same inputs: reordered sums only / bf16-rounded operands or h
+BOUND_DEFAULT = {False: 1e-3, True: 3e-2}
+KERNELS = {"state": "chunk_fwd_state_kernel", "prep": "chunk_prep_kernel", "o": "chunk_fwd_o_kernel",
+           "tsolve": "chunk_tsolve_kernel"}
+PATCH = {"state": "state_options", "prep": "prep_options", "o": "o_options", "tsolve": "tsolve_options"}
+HOOKS = {"prep": (cf, "PREP_BEST"), "o": (cf, "O_BEST"), "tsolve": (cf, "TSOLVE_BEST")}
+OUTS = {"state": (4, 5, 7), "prep": (4, 5, 6, 7), "o": (4,), "tsolve": (1,)}  # output positions in args
+H_ARG = {"state": 5, "o": 3}  # where h sits in the args (H_BF16 options get a bf16 one)
+
+
+def rounds(opt):
+    return bool(opt.get("STATE_BF16") or opt.get("PREP_BF16") or opt.get("H_BF16"))
+
+
+def kopt(opt):
+    return {n: v for n, v in opt.items() if n != "H_BF16"}
+
+
+def inputs(lens, decay=1.0, seed=0, dtype=torch.bfloat16):
+    gen = torch.Generator(device=DEV).manual_seed(seed)
+    n = sum(lens)
+    r = lambda *s: torch.randn(*s, device=DEV, generator=gen)  # noqa: E731
+    x = dict(q=F.normalize(r(1, n, H, D), dim=-1).to(dtype), k=F.normalize(r(1, n, H, D), dim=-1).to(dtype),
+             v=r(1, n, H, D).to(dtype), g=F.logsigmoid(r(1, n, H, D) + 3.0) * decay,
+             bk=torch.sigmoid(r(1, n, H, D)).to(dtype))
+    cu = torch.tensor([0] + torch.tensor(lens).cumsum(0).tolist(), device=DEV, dtype=torch.int32)
+    return x, cu, r(1, n, H, D).to(dtype), r(len(lens), H, D, D)
+
+
+def fwd_bwd(fn, x, cu, do, dht):
+    """o, final state and the gradients of q, k, v, g, bk for the loss <o, do> + <ht, dht>."""
+    xs = {n: t.detach().clone().requires_grad_() for n, t in x.items()}
+    o, ht = fn(xs["q"], xs["k"], xs["v"], xs["g"], xs["bk"], cu_seqlens=cu, output_final_state=True)
+    grads = torch.autograd.grad([o, ht], [xs[n] for n in NAMES[2:]], [do.to(o.dtype), dht.to(ht.dtype)])
+    return (o.detach(), ht.detach()) + tuple(grads)
+
+
+def capture(x, cu):
+    """Run the fg2 forward once with the default options; return chunk_fwd's launches (kernel,
+    grid_fn, args, consts, first option) by name, and tsolve's Tm on entry (it works in place)."""
+    seen, orig = {}, cf.launch
+
+    def rec(kernel, grid_fn, args, consts, options):
+        seen[kernel.fn.__name__] = (kernel, grid_fn, args, consts, dict(options[0]))
+        if kernel is cf.chunk_tsolve_kernel:
+            seen["Tm_in"] = args[1].clone()
+        return orig(kernel, grid_fn, args, consts, options)
+
+    cf.launch = rec
+    try:
+        with torch.no_grad():
+            chunk_fg2_delta_rule(x["q"], x["k"], x["v"], x["g"], x["bk"], cu_seqlens=cu, output_final_state=True)
+    finally:
+        cf.launch = orig
+    return seen
+
+
+def bench(fn):
+    if DEV == "cuda":
+        return float(triton.testing.do_bench(fn, warmup=5, rep=25, return_mode="median"))
+    ts = []
+    for _ in range(3):
+        t = time.perf_counter()
+        fn()
+        ts.append(time.perf_counter() - t)
+    return 1e3 * sorted(ts)[1]
+
+
+def option_lists():
+    NHs = [B * H for _, B in SHAPES]
+    lists = dict(state=cs.state_sweep_options(D, NHs, torch.device(DEV)), prep=cf.prep_sweep_options(D, D),
+                 o=cf.o_sweep_options(D), tsolve=cf.tsolve_sweep_options())
+    if SMALL:  # the interpreter ignores num_warps: one option per distinct computation
+        for n, opts in lists.items():
+            keep = {}
+            for o in opts:
+                what = tuple((k, v) for k, v in o.items() if k not in ("num_warps", "num_stages"))
+                keep.setdefault(what, o)
+            lists[n] = list(keep.values())
+    return lists
+
+
+def regs():
+    """Registers / stack of every sweep option on sm_90a (K = V = 128, bf16), no GPU needed."""
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    import sm90_regs_delta as r
+
+    global D, H
+    D, H = 128, 16
+    base = dict(H=16, K=128, V=128, BT=64, BK=128, BC=16, OP_BF16=True, DOT_PREC="tf32", INV_PREC="tf32x3",
+                HAS_H0=True, STORE_FINAL=True, NATIVE=True, STATE_BF16=0, KSPLIT=1, NSB=1, PREP_BF16=0)
+    for which, opts in option_lists().items():
+        fn = getattr(cf, KERNELS[which])
+        for opt in opts:
+            (r.BF16.add if opt.get("H_BF16") else r.BF16.discard)("h")
+            o = {n: v for n, v in kopt(opt).items() if n not in ("num_warps", "num_stages")}
+            try:
+                print(which, opt, r.usage(fn, {**base, **o}, opt["num_warps"]), flush=True)
+            except Exception as ex:  # noqa: BLE001
+                print(which, opt, "ERROR", type(ex).__name__, str(ex)[:200], flush=True)
+
+
+def run_option(which, opt, timing, ref_all):
+    """Time ``opt`` of kernel ``which`` on every shape's captured inputs; compare with the default."""
+    row = {"ms": {}}
+    err = 0.0
+    kern = None
+    for (T, B), (seen, h16) in timing.items():
+        ref = ref_all[T, B]
+        kernel, grid_fn, args, consts, _ = seen[KERNELS[which]]
+        args = list(args)
+        if opt.get("H_BF16") and which in H_ARG:
+            args[H_ARG[which]] = h16 if which == "state" else ref["h"].to(torch.bfloat16)
+        outs = [args[j] for j in OUTS[which]]
+        if which == "tsolve":
+            outs[0].copy_(seen["Tm_in"])
+        else:
+            for o in outs:
+                o.fill_(float("nan"))
+        ko = cf.for_inputs([kopt(opt)], torch.bfloat16, max(16, triton.next_power_of_2(D)))[0]
+        try:
+            kern = kernel[grid_fn(ko)](*args, **consts, **ko)
+            es = [rel_rms(a.float(), b.float()) for a, b in zip(outs, ref[which])]
+            row[f"err_vs_default_T{T}"] = es
+            err = max(err, max(es) / BOUND_DEFAULT[rounds(opt)])
+            row["ms"][f"T{T}"] = bench(lambda: kernel[grid_fn(ko)](*args, **consts, **ko))
+        finally:
+            for o, r in zip(outs, ref[which]):  # later kernels read these
+                o.copy_(r)
+    row.update(n_regs=getattr(kern, "n_regs", None), n_spills=getattr(kern, "n_spills", None))
+    return row, err
+
+
+def check64(which, opt, checks):
+    """max over the fp64 checks of error / bound, the whole pass with ``opt`` for ``which``."""
+    saved = {n: getattr(cf, n) for n in PATCH.values()}
+    setattr(cf, PATCH[which], lambda *a, o=opt: [o])
+    if which == "o" and opt.get("H_BF16"):  # the state pass must then hand o a bf16 h
+        cf.state_options = lambda *a: [dict(o, H_BF16=1) for o in saved["state_options"](*a)]
+    worst, per = 0.0, []
+    try:
+        for x, cu, do, dht, ref64, bound in checks:
+            got = fwd_bwd(chunk_fg2_delta_rule, x, cu, do, dht)
+            es = {n: rel_rms(a.double(), b) for n, a, b in zip(NAMES, got, ref64)}
+            per.append(max(es.values()))
+            worst = max(worst, max(e / bound[n] for n, e in es.items()))
+    finally:
+        for n, f in saved.items():
+            setattr(cf, n, f)
+    return worst, per
+
+
+def pipeline(best, checks):
+    """Whole forward and forward + backward times, defaults vs every BEST option applied."""
+    x, cu, do, dht = inputs([SHAPES[0][0]] * SHAPES[0][1], seed=2)
+    x32, cu32, do32, dht32 = inputs([SHAPES[1][0]] * SHAPES[1][1], seed=2)
+    hooks = dict(HOOKS, state=(cs, "STATE_BEST"), state_few=(cs, "STATE_BEST_FEW"))
+    old = {k: getattr(m, a) for k, (m, a) in hooks.items()}
+    out = {}
+    for label, apply in (("default", False), ("best", True)):
+        for k, (m, a) in hooks.items():
+            setattr(m, a, best.get(k) if apply else old[k])
+        cf._CHOSEN.clear()
+        try:
+            for (T, B), (xx, cc, dd, hh) in zip(SHAPES, ((x, cu, do, dht), (x32, cu32, do32, dht32))):
+                def fwd():
+                    with torch.no_grad():
+                        chunk_fg2_delta_rule(xx["q"], xx["k"], xx["v"], xx["g"], xx["bk"], cu_seqlens=cc)
+                out[f"{label}_fwd_T{T}"] = bench(fwd)
+                out[f"{label}_fwdbwd_T{T}"] = bench(lambda: fwd_bwd(chunk_fg2_delta_rule, xx, cc, dd, hh))
+            errs = []
+            for xc, cuc, doc, dhtc, ref64, bound in checks:
+                got = fwd_bwd(chunk_fg2_delta_rule, xc, cuc, doc, dhtc)
+                errs.append(max(rel_rms(a.double(), b) / bound[n] for n, a, b in zip(NAMES, got, ref64)))
+            out[f"{label}_err_over_bound"] = max(errs)
+        finally:
+            for k, (m, a) in hooks.items():
+                setattr(m, a, old[k])
+            cf._CHOSEN.clear()
+    return out
+
+
+def main():
+    if "--regs" in sys.argv:
+        return regs()
+    out_dir = next((a for a in sys.argv[1:] if not a.startswith("--")), None)
+    if out_dir is None:
+        sys.exit(__doc__)
+    os.makedirs(out_dir, exist_ok=True)
+    t_start = time.time()
+    lists = option_lists()
+    # inputs the kernels see in the real pass, per timing shape, and the default options' outputs
+    timing, ref_all, default_ms = {}, {}, {}
+    for T, B in SHAPES:
+        x, cu, _, _ = inputs([T] * B, seed=2)
+        seen = capture(x, cu)
+        ref = {}
+        for which, name in KERNELS.items():
+            kernel, grid_fn, args, consts, first = seen[name]
+            ref[which] = [args[i].clone() for i in OUTS[which]]
+            default_ms[which, T] = bench(lambda: kernel[grid_fn(first)](*args, **consts, **first))
+            if which == "tsolve":  # timing ran it again on its own output: same T (idempotent)
+                args[1].copy_(ref[which][0])
+        ref["h"] = ref["state"][1]
+        h = seen[KERNELS["state"]][2][5]
+        timing[T, B] = (seen, torch.empty(h.shape, device=h.device, dtype=torch.bfloat16))
+        ref_all[T, B] = ref
+    # fp64 references of the whole pass (bf16-rounded inputs), mild and strong decay
+    checks = []
+    for decay in (1.0, 30.0):
+        x, cu, do, dht = inputs(CHECK_LENS, decay=decay, seed=1)
+        x64 = {n: t.double() for n, t in x.items()}
+        ref64 = fwd_bwd(naive_fg2_delta_rule, x64, cu, do, dht)
+        # the default options' own errors: an option may match them (x1.25) where they pass the bound
+        got = fwd_bwd(chunk_fg2_delta_rule, x, cu, do, dht)
+        bound = {n: max(BOUND64.get(n, BOUND64["*"]), 1.25 * rel_rms(a.double(), b))
+                 for n, a, b in zip(NAMES, got, ref64)}
+        checks.append((x, cu, do, dht, ref64, bound))
+    dev_name = torch.cuda.get_device_name() if DEV == "cuda" else "CPU (interpreter)"
+    print(f"sweep_delta_fwd_variants on {dev_name}, triton {triton.__version__}, H={H} K=V={D}; defaults "
+          + " ".join(f"{w}@T{T}={ms:.3f}ms" for (w, T), ms in default_ms.items())
+          + f"; inputs and references ready in {time.time() - t_start:.1f}s", flush=True)
+
+    rows = []
+
+    def dump():
+        with open(os.path.join(out_dir, "sweep-fwd.json"), "w") as f:
+            json.dump(dict(device=dev_name, triton=triton.__version__, H=H, K=D, V=D, shapes=SHAPES,
+                           default_ms={f"{w}@T{T}": v for (w, T), v in default_ms.items()}, rows=rows), f, indent=1)
+
+    # round robin over the kernels (each list most promising first), so that the time budget
+    # cuts the tail of every list rather than a whole kernel
+    order = [(which, i, opts[i]) for i in range(max(map(len, lists.values())))
+             for which, opts in lists.items() if i < len(opts)]
+    for which, i, opt in order:
+        row = dict(kernel=which, option=dict(opt))
+        rows.append(row)
+        if time.time() - t_start > BUDGET_S and i > 0:
+            row.update(ok=False, error="skipped: time budget")
+            print(which, opt, "skipped (BUDGET_S)", flush=True)
+            continue
+        try:
+            r, err = run_option(which, opt, timing, ref_all)
+            row.update(r)
+            e64, per = check64(which, opt, checks)
+            row.update({f"err64_decay{c}": e for c, e in enumerate(per)})
+            err = max(err, e64)
+            row["ok"] = bool(err <= 1.0)
+            row["max_err_over_bound"] = err
+        except Exception as ex:  # noqa: BLE001 - out of resources / compile error: record, go on
+            row.update(ok=False, error=f"{type(ex).__name__}: {str(ex)[:300]}")
+        dump()
+        ms = " ".join(f"{n}={v:.3f}ms" for n, v in row.get("ms", {}).items())
+        dflt = "/".join(f"{max(row[k]):.0e}" for k in row if k.startswith("err_vs_default"))
+        print(f"{which:6s} {opt} {ms} regs={row.get('n_regs')} spills={row.get('n_spills')} vs_default={dflt} "
+              f"err/bound={row.get('max_err_over_bound', float('nan')):.2f} "
+              f"err64={row.get('err64_decay0', float('nan')):.1e}/{row.get('err64_decay1', float('nan')):.1e} "
+              f"ok={row['ok']}" + (f" ERROR {row['error']}" if "error" in row else ""), flush=True)
+
+    best = {}
+
+    def pick(which, hook, shapes, cond=lambda r: True):
+        good = [r for r in rows if r["kernel"] == which and r["ok"] and len(r.get("ms", {})) == len(SHAPES)
+                and cond(r)]
+        base = sum(default_ms[which, T] for T, _ in shapes)
+        if not good:
+            print(f"BEST_FWD_OPTION=None  # {which} ({hook}): no correct option")
+            return
+        r = min(good, key=lambda r: sum(r["ms"][f"T{T}"] for T, _ in shapes))
+        ms = sum(r["ms"][f"T{T}"] for T, _ in shapes)
+        # only worth a hook when it beats today's default (which is in the list itself)
+        best[hook] = r["option"] if ms < base else None
+        print("BEST_FWD_OPTION=" + repr(dict(kernel=KERNELS[which], hook=hook, option=best[hook],
+                                             ms=round(ms, 4), default_ms=round(base, 4))))
+
+    pick("state", "state", SHAPES[:1])
+    pick("state", "state_few", SHAPES[1:])
+    pick("prep", "prep", SHAPES)
+    # chunk_fwd_o on the h the chosen state pass writes (at the full-grid shape's choice)
+    hb = int(bool((best.get("state") or {}).get("H_BF16")))
+    pick("o", "o", SHAPES, lambda r: int(bool(r["option"].get("H_BF16"))) == hb)
+    pick("tsolve", "tsolve", SHAPES)
+    print("# apply: chunk_fwd_state.py STATE_BEST = option of hook 'state', STATE_BEST_FEW = of 'state_few';"
+          " chunk_fwd.py PREP_BEST / O_BEST / TSOLVE_BEST = of 'prep' / 'o' / 'tsolve' (None: keep the default)")
+    skipped = sum("skipped" in r.get("error", "") for r in rows)
+    print(f"sweep_delta_fwd_variants: {sum(r['ok'] for r in rows)}/{len(rows) - skipped} options run correct, "
+          f"{skipped} skipped (BUDGET_S), {time.time() - t_start:.1f}s", flush=True)
+    pipe = pipeline(best, checks)
+    with open(os.path.join(out_dir, "sweep-fwd-pipeline.json"), "w") as f:
+        json.dump(dict(best=best, **pipe), f, indent=1)
+    print("PIPELINE " + " ".join(f"{k}={v:.3f}" for k, v in pipe.items()), flush=True)
+    print(f"sweep_delta_fwd_variants done in {time.time() - t_start:.1f}s", flush=True)
+
+
+if __name__ == "__main__":
+    main()
