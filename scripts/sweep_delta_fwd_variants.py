@@ -345,10 +345,15 @@ def main():
     skipped = sum("skipped" in r.get("error", "") for r in rows)
     print(f"sweep_delta_fwd_variants: {sum(r['ok'] for r in rows)}/{len(rows) - skipped} options run correct, "
           f"{skipped} skipped (BUDGET_S), {time.time() - t_start:.1f}s", flush=True)
-    pipe = pipeline(best, checks)
+    try:
+        pipe = pipeline(best, checks)
+    except Exception as ex:  # noqa: BLE001 - e.g. a CUDA error left by an option: the lines above stand
+        pipe = dict(error=f"{type(ex).__name__}: {str(ex)[:300]}")
+        print("PIPELINE failed:", pipe["error"], flush=True)
     with open(os.path.join(out_dir, "sweep-fwd-pipeline.json"), "w") as f:
         json.dump(dict(best=best, **pipe), f, indent=1)
-    print("PIPELINE " + " ".join(f"{k}={v:.3f}" for k, v in pipe.items()), flush=True)
+    print("PIPELINE " + " ".join(f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}" for k, v in pipe.items()),
+          flush=True)
     print(f"sweep_delta_fwd_variants done in {time.time() - t_start:.1f}s", flush=True)
 
 

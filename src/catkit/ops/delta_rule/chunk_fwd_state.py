@@ -9,7 +9,10 @@ whose winners go into STATE_BEST / STATE_BEST_FEW:
 
   * STATE_BF16 (bf16 inputs only): both products on bf16 operands with fp32 accumulation (S
     itself stays fp32 between chunks). bf16 m16n8k16 MMAs instead of tf32 m16n8k8 ones: half the
-    tensor-core instructions per product, and half the operand registers for W, KD and S's copy.
+    tensor-core instructions per product, and half the operand registers for W, KD and S's copy:
+    sm_90a estimates (Triton 3.9, K = V = 128) 186 -> 127 registers at BV 32 / 8 warps, 245 -> 153
+    at BV 16 / 4 warps with PREFETCH (the two defaults), so BV 32 / 4 warps (206) and BV 64 (231
+    at 4 warps with KSPLIT 2) fit without spills (scripts/sweep_delta_fwd_variants.py --regs).
   * KSPLIT 2: the state as two [K/2, BV] halves, each with its own W / KD column halves and decay
     row; every product becomes two with K/2 reduction (W S = W_0 S_0 + W_1 S_1) or half the rows
     (S_i += KD_i^T Vn). Smaller tiles give Triton's layout conversions (the transposed KD operand,
@@ -188,7 +191,7 @@ def state_sweep_options(V, NHs, dev):
     """Every option scripts/sweep_delta_fwd_variants.py times for the state pass: today's first
     option at each grid size NH in ``NHs`` (full grid, few programs), then the variants, most
     promising first. Never BV = 16 at 8 warps (the illegal memory access above would end the whole
-    sweep). sm_90a register estimates: see scripts/sweep_delta_fwd_variants.py."""
+    sweep). Register estimates: scripts/sweep_delta_fwd_variants.py --regs."""
     bv = lambda b: min(b, max(16, triton.next_power_of_2(V)))  # noqa: E731
     opts = []
     for nh in NHs:
@@ -197,11 +200,18 @@ def state_sweep_options(V, NHs, dev):
             opts.append(o)
     st = opts[0]["num_stages"]
     # (BV, num_warps, PREFETCH, STATE_BF16, KSPLIT, H_BF16)
-    for b, w, p, sb, ks, hb in ((32, 4, 0, 1, 1, 1), (32, 8, 0, 1, 1, 1), (64, 4, 0, 1, 2, 1), (32, 4, 0, 1, 2, 1),
-                                (16, 4, 1, 1, 1, 1), (16, 4, 1, 1, 2, 1), (64, 8, 0, 1, 2, 1), (32, 4, 1, 1, 2, 1),
-                                (32, 8, 0, 0, 1, 1), (16, 4, 1, 0, 1, 1), (32, 4, 0, 0, 2, 1), (64, 8, 0, 0, 2, 1),
+    for b, w, p, sb, ks, hb in ((32, 8, 0, 1, 1, 1), (16, 4, 1, 1, 1, 1), (32, 4, 0, 1, 1, 1), (64, 4, 0, 1, 2, 1),
+                                (32, 8, 0, 0, 1, 1), (16, 4, 1, 0, 1, 1), (32, 4, 0, 1, 2, 1), (16, 4, 1, 1, 2, 1),
+                                (64, 8, 0, 1, 2, 1), (32, 4, 1, 1, 2, 1), (32, 4, 0, 0, 2, 1), (64, 8, 0, 0, 2, 1),
                                 (32, 8, 0, 1, 1, 0), (16, 4, 1, 1, 1, 0), (64, 4, 0, 1, 1, 1), (32, 8, 0, 1, 2, 1)):
         o = dict(BV=bv(b), num_warps=w, num_stages=st, PREFETCH=bool(p), STATE_BF16=sb, KSPLIT=ks, H_BF16=hb)
+        if o not in opts:
+            opts.append(o)
+    # last (a miscompile would cost the options after it): Triton's software pipelining of the
+    # chunk loop (its loads do not depend on S) instead of the manual PREFETCH; depth 2
+    # miscompiled the bf16 backward on an H200 (see PIPELINE_STAGES), the sweep checks every option
+    for b, w in ((32, 8), (32, 4), (16, 4)):
+        o = dict(BV=bv(b), num_warps=w, num_stages=2, PREFETCH=False, STATE_BF16=1, KSPLIT=1, H_BF16=1)
         if o not in opts:
             opts.append(o)
     return opts
