@@ -23,8 +23,10 @@ them into T with an exact block-Neumann step.
 Kernels: ``chunk_cumsum`` (G), ``chunk_intra`` (A, P, diagonal inverses; per sub-chunk),
 ``chunk_tsolve`` (T = (I + A)^-1 per chunk), ``chunk_prep`` (W, U = T V, Q e^G, K e^(G_C - G);
 per chunk and column block), ``chunk_fwd_state`` (sequential over chunks per (sequence, head, V
-tile): Vn, per-chunk start states, final state), ``chunk_fwd_o`` (O from the saved states,
-parallel over chunks).
+tile): Vn, per-chunk start states, final state; in chunk_fwd_state.py), ``chunk_fwd_o`` (O from
+the saved states, parallel over chunks). Variants behind constexpr switches (chunk_prep: NSB,
+PREP_BF16; the state pass: STATE_BF16, KSPLIT, H_BF16) are timed by
+scripts/sweep_delta_fwd_variants.py, whose winners go into the ``*_BEST`` hooks.
 
 HBM bytes per (chunk, head) at BT = 64, K = V = 128, bf16 inputs (fp32 g), estimates (x 8192 at
 32K tokens x 16 heads; 1 GB ~ 0.21 ms at the H200's 4.8 TB/s): cumsum 32 KB in, 32 KB out (G
