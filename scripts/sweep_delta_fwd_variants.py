@@ -327,7 +327,7 @@ def main():
                 and cond(r) and any(r["option"] != default_opt[which, T] for T, _ in shapes)]
         base = sum(default_ms[which, T] for T, _ in shapes)
         if not good:
-            print(f"BEST_FWD_OPTION=None  # {which} ({hook}): no correct option")
+            print(f"BEST_FWD_OPTION=None  # {which} ({hook}): no correct option other than the default")
             return
         r = min(good, key=lambda r: sum(r["ms"][f"T{T}"] for T, _ in shapes))
         ms = sum(r["ms"][f"T{T}"] for T, _ in shapes)
