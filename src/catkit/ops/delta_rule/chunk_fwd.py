@@ -147,7 +147,7 @@ def _half_pairs(b_k, b_q, b_G, G, tb, eos, hoff, ck, H: tl.constexpr, K: tl.cons
 def chunk_intra_kernel(q, k, G, A, P, Tm, chunk_indices, cu_seqlens,
                        H: tl.constexpr, K: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr,
                        BKS: tl.constexpr, NK: tl.constexpr, DOT_PREC: tl.constexpr,
-                       INV_PREC: tl.constexpr, FAST_EXP: tl.constexpr):
+                       INV_PREC: tl.constexpr, FAST_EXP: tl.constexpr, LEFT: tl.constexpr = 1):
     """Rows of sub-chunk ``a`` (BC rows) of A = strict_lower(K D K^T) and P = lower(Q D K^T), and
     the inverse (I + A_aa)^-1 of the diagonal block, written into the diagonal block of ``Tm``.
 
@@ -157,7 +157,8 @@ def chunk_intra_kernel(q, k, G, A, P, Tm, chunk_indices, cu_seqlens,
     (_half_pairs): a quarter of the exps of per-pair ratios and no [BC, BC, BKS] tensor. On an
     H200 (Triton 3.6, 32K tokens x 16 heads, bf16) this form took 1.22 ms against 2.61 ms for the
     per-pair form and 1.47-1.6 ms for row / column loops on full-width tiles
-    (benchmarks/results/delta_rule-kernels-NVIDIA_H200/sweep-intra.json).
+    (benchmarks/results/delta_rule-kernels-NVIDIA_H200/sweep-intra.json). LEFT = 0 (the diagonal
+    pass of chunk_fwd_intra's DIAG 1 variant): only the diagonal block, its inverse and P's.
     """
     i_t, i_h, i_a = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     t0, eos = _seq_bounds(chunk_indices, cu_seqlens, i_t, BT)
@@ -186,7 +187,7 @@ def chunk_intra_kernel(q, k, G, A, P, Tm, chunk_indices, cu_seqlens,
         b_k = tl.load(k + off, mask=m, other=0.0).to(tl.float32)
         b_q = tl.load(q + off, mask=m, other=0.0).to(tl.float32)
         b_G = tl.load(G + off, mask=m, other=0.0)
-        if i_a > 0:  # sub-chunk 0 has no blocks on its left
+        if LEFT and i_a > 0:  # sub-chunk 0 has no blocks on its left
             F, R = _left_factors(k, G, b_G, m, left, r_ref, t0, i_h * K, ck, H, K, BT, FAST_EXP)
             # transposed, [BT, BKS] x [BKS, BC]: M = BT rows split over the warps, where the
             # [BC, BT] form's M = 16 puts a whole copy of the tile (and accumulator) on every warp
@@ -209,9 +210,10 @@ def chunk_intra_kernel(q, k, G, A, P, Tm, chunk_indices, cu_seqlens,
     b_pl = tl.trans(b_plT)
     b_a = tl.where(c16[:, None] > c16[None, :], b_a, 0.0)
     b_p = tl.where(lower, b_p, 0.0)
-    ml = valid[:, None] & (cols[None, :] < i_a * BC)
-    tl.store(A + offa + cols[None, :], b_al, mask=ml)
-    tl.store(P + offa + cols[None, :], b_pl.to(P.dtype.element_ty), mask=ml)
+    if LEFT:
+        ml = valid[:, None] & (cols[None, :] < i_a * BC)
+        tl.store(A + offa + cols[None, :], b_al, mask=ml)
+        tl.store(P + offa + cols[None, :], b_pl.to(P.dtype.element_ty), mask=ml)
     tl.store(A + offa + i_a * BC + c16[None, :], b_a, mask=valid[:, None])
     tl.store(P + offa + i_a * BC + c16[None, :], b_p.to(P.dtype.element_ty), mask=valid[:, None])
     # (I + A_aa)^-1 = (I + N)(I + N^2)(I + N^4)(I + N^8) with N = -A_aa (strictly lower, so
@@ -408,15 +410,13 @@ def chunk_fwd(q, k, v, g, scale, initial_state, output_final_state, meta, save):
     # move half the bytes (P: NTOK H BT, Vn: NTOK H V words; written once, read 2-3 times).
     opd = torch.bfloat16 if pr["OP_BF16"] else torch.float32
     P = torch.empty(NTOK, H, BT, device=dev, dtype=opd)
-    BC = min(16, BT)
-    launch(chunk_intra_kernel, lambda o: (NT, H, BT // BC), (q, k, G, A, P, Tm, ci, cu),
-           dict(H=H, K=K, BT=BT, BC=BC, DOT_PREC=pr["DOT_PREC"], INV_PREC=pr["INV_PREC"]),
-           intra_options(BK, K))
+    from catkit.ops.delta_rule.chunk_fwd_intra import intra_solve  # (it imports this module)
+
+    # P, and T = (I + A)^-1 into Tm: chunk_intra + chunk_tsolve, or a per-chunk FUSED variant
+    intra_solve((q, k, G, A, P, Tm, ci, cu), NT, H, K, BT, pr, intra_options(BK, K), tsolve_options())
     W = torch.empty(NTOK, H, K, device=dev, dtype=q.dtype)
     QG, KD = torch.empty_like(W), torch.empty_like(W)
     U = torch.empty(NTOK, H, V, device=dev, dtype=q.dtype)
-    launch(chunk_tsolve_kernel, lambda o: (NT, H), (A, Tm, ci, cu),
-           dict(H=H, BT=BT, BC=BC, INV_PREC=pr["INV_PREC"]), tsolve_options())
     native = not interpreted()
     launch(chunk_prep_kernel, lambda o: (NT, H, triton.cdiv(max(K, V), o["BKS"] * o.get("NSB", 1))),
            (k, v, G, Tm, W, U, QG, KD, q, ci, cu),
@@ -468,8 +468,34 @@ def intra_options(BK, K):
     scripts/sweep_delta_intra.py): BKS 32 / 2 warps 1.22 ms (255 registers, 2 spilled), BKS 16 /
     2 warps 1.45 ms, BKS 16 / 4 warps 1.84 ms, BKS 32 / 4 warps 1.90 ms; 8 warps 3.9-5.2 ms.
     FAST_EXP (ex2.approx.ftz) is GPU-only PTX: off under the interpreter."""
-    return [dict(BKS=b, NK=triton.cdiv(K, b), FAST_EXP=not interpreted(), num_warps=w, num_stages=st)
-            for st in _stages() for b, w in ((32, 2), (16, 2), (16, 4), (32, 4))]
+    return best_first(INTRA_BEST, [dict(BKS=b, NK=triton.cdiv(K, b), FAST_EXP=not interpreted(), num_warps=w,
+                                        num_stages=st) for st in _stages() for b, w in ((32, 2), (16, 2), (16, 4), (32, 4))],
+                      BK)
+
+
+def intra_sweep_options(BK, K):
+    """chunk_intra + chunk_tsolve options for the sweep, today's first, then the per-chunk FUSED
+    variants of chunk_fwd_intra.py, most promising first: DIAG 0 (one kernel) at (BKS, warps),
+    DIAG 1 (chunk_intra_kernel's LEFT = 0 diagonal pass at (DBKS, DW), then the fused off-diagonal
+    + solve) at (BKS, warps, DBKS, DW). sm_90a register estimates: scripts/sm90_regs_delta.py."""
+    first = intra_options(BK, K)[0]
+    fe, st = first["FAST_EXP"], first["num_stages"]
+    opts = [first]
+    for b, w in ((32, 4), (16, 4), (32, 2), (64, 4), (16, 2), (32, 8)):
+        opts.append(dict(FUSED=1, DIAG=0, BKS=b, NK=triton.cdiv(K, b), FAST_EXP=fe, num_warps=w, num_stages=st))
+    for b, w, db, dw in ((32, 4, 32, 2), (64, 4, 32, 2), (32, 2, 32, 2), (32, 4, 32, 4), (16, 4, 16, 2),
+                         (64, 8, 64, 4)):
+        opts.append(dict(FUSED=1, DIAG=1, BKS=b, NK=triton.cdiv(K, b), FAST_EXP=fe, num_warps=w, num_stages=st,
+                         DBKS=db, DW=dw))
+    # FUSED 2: whole-chunk tiles (chunk_fwd_intra.chunk_intra_wide_kernel), (DIAG, BKS, warps)
+    for d, b, w in ((1, 32, 4), (1, 32, 8), (1, 16, 4), (0, 32, 8), (0, 16, 4)):
+        o = dict(FUSED=2, DIAG=d, BKS=b, NK=triton.cdiv(K, b), FAST_EXP=fe, num_warps=w, num_stages=st)
+        opts.append(dict(o, DBKS=32, DW=2) if d else o)
+    out = []
+    for o in opts:  # key blocks wider than this call's K would only mask channels
+        if o.get("BKS", 0) <= BK and o.get("DBKS", 0) <= BK and o not in out:
+            out.append(o)
+    return out
 
 
 # Fastest correct options of scripts/sweep_delta_fwd_variants.py (its BEST_FWD_OPTION lines), tried
@@ -478,6 +504,8 @@ def intra_options(BK, K):
 PREP_BEST = None
 O_BEST = None
 TSOLVE_BEST = None
+# chunk_intra + chunk_tsolve (an option with FUSED = 1 replaces both, see chunk_fwd_intra.py)
+INTRA_BEST = None
 
 
 def for_inputs(opts, dtype, BK):
