@@ -1,7 +1,8 @@
 """Time the delta-rule forward kernels alone per variant x launch option: chunk_fwd_state (STATE_BF16
 x KSPLIT x PREFETCH x H_BF16 x BV/warps, ``chunk_fwd_state.state_sweep_options``), chunk_prep (NSB
 x PREP_BF16 x BKS/warps, ``chunk_fwd.prep_sweep_options``), chunk_fwd_o (BV/warps on an fp32 or a
-bf16 h, ``o_sweep_options``) and chunk_tsolve (warps).
+bf16 h, ``o_sweep_options``), chunk_tsolve (warps) and chunk_intra + chunk_tsolve together against the per-chunk
+FUSED variants of chunk_fwd_intra.py (``chunk_fwd.intra_sweep_options``: FUSED 1 / 2 x DIAG 0 / 1 x BKS/warps).
 
 Usage (GPU): PYTHONUNBUFFERED=1 PYTHONPATH=src python3 scripts/sweep_delta_fwd_variants.py OUT_DIR
       (CPU):  PYTHONPATH=src SMALL=1 python3 scripts/sweep_delta_fwd_variants.py OUT_DIR   (or --small;
@@ -9,11 +10,14 @@ Usage (GPU): PYTHONUNBUFFERED=1 PYTHONPATH=src python3 scripts/sweep_delta_fwd_v
       (regs): PYTHONPATH=src python3 scripts/sweep_delta_fwd_variants.py --regs   (no GPU: every sweep
               option compiled for sm_90a by the installed Triton, via scripts/sm90_regs_delta.py)
 BUDGET_S (default 150): stop starting new options past this many seconds (skipped ones are listed).
+ONLY (e.g. ONLY=intra): a comma-separated subset of the kernels state, prep, o, tsolve, intra.
 
 For every option (the first rows of each kernel are today's defaults, the GPU-verified baseline):
-  * time: the kernel alone (triton.testing.do_bench median) at B*T = 32K tokens (T = 2048, B = 16
-    and T = 32768, B = 1, packed as equal-length sequences), H = 16, K = V = 128, bf16, on the
-    inputs the real fg2 forward hands it (captured from chunk_fwd's launches);
+  * time: the kernel alone (triton.testing.do_bench median; ``intra``: chunk_intra + chunk_tsolve for
+    the default, the variant's one or two launches otherwise, both through chunk_fwd_intra.intra_solve)
+    at B*T = 32K tokens (T = 2048, B = 16 and T = 32768, B = 1, packed as equal-length sequences),
+    H = 16, K = V = 128, bf16, on the inputs the real fg2 forward hands it (captured from chunk_fwd's
+    launches);
   * check vs the default: its outputs on those inputs against the default option's (rel RMS);
   * check vs fp64: the whole fg2 forward + backward with that option (others at their defaults) on
     packed odd-length sequences (300, 77, 1000 tokens; mild and x30 decay) against the fp64 token
@@ -25,7 +29,7 @@ One line per option, OUT_DIR/sweep-fwd.json (rewritten after every option), then
 fastest=...): the fastest correct non-default option by the sum of the two shapes' times (the state
 pass: per shape, since its grid differs: STATE_BEST from T = 2048 x 16, STATE_BEST_FEW from
 T = 32768 x 1); ``option`` is None unless it beats today's default by more than 1%. To use it: paste
-``option`` as that hook (PREP_BEST / O_BEST / TSOLVE_BEST in src/catkit/ops/delta_rule/chunk_fwd.py,
+``option`` as that hook (PREP_BEST / O_BEST / TSOLVE_BEST / INTRA_BEST in src/catkit/ops/delta_rule/chunk_fwd.py,
 STATE_BEST / STATE_BEST_FEW in chunk_fwd_state.py); it is then tried first. Finally
 ``PIPELINE`` lines time the whole forward and forward + backward with the defaults and with all
 BEST options applied (the backward gains from a bf16 h too).
@@ -45,6 +49,7 @@ import torch.nn.functional as F  # noqa: E402
 import triton  # noqa: E402
 
 import catkit.ops.delta_rule.chunk_fwd as cf  # noqa: E402
+import catkit.ops.delta_rule.chunk_fwd_intra as ci  # noqa: E402
 import catkit.ops.delta_rule.chunk_fwd_state as cs  # noqa: E402
 from catkit.ops.delta_rule import chunk_fg2_delta_rule  # noqa: E402
 from catkit.ops.delta_rule.naive import naive_fg2_delta_rule  # noqa: E402
@@ -62,15 +67,37 @@ BOUND64 = {"*": 3e-2, "g": 6e-2}
 # vs the default option on the same inputs: reordered sums only / bf16-rounded operands or h
 BOUND_DEFAULT = {False: 1e-3, True: 3e-2}
 KERNELS = {"state": "chunk_fwd_state_kernel", "prep": "chunk_prep_kernel", "o": "chunk_fwd_o_kernel",
-           "tsolve": "chunk_tsolve_kernel"}
-PATCH = {"state": "state_options", "prep": "prep_options", "o": "o_options", "tsolve": "tsolve_options"}
-HOOKS = {"prep": (cf, "PREP_BEST"), "o": (cf, "O_BEST"), "tsolve": (cf, "TSOLVE_BEST")}
-OUTS = {"state": (4, 5, 7), "prep": (4, 5, 6, 7), "o": (4,), "tsolve": (1,)}  # output positions in args
+           "tsolve": "chunk_tsolve_kernel", "intra": "chunk_intra_kernel"}
+ONLY = [w for w in os.environ.get("ONLY", ",".join(KERNELS)).split(",") if w]
+PATCH = {"state": "state_options", "prep": "prep_options", "o": "o_options", "tsolve": "tsolve_options",
+         "intra": "intra_options"}
+HOOKS = {"prep": (cf, "PREP_BEST"), "o": (cf, "O_BEST"), "tsolve": (cf, "TSOLVE_BEST"), "intra": (cf, "INTRA_BEST")}
+# output positions in args (intra: P and T, compared on the entries every path writes)
+OUTS = {"state": (4, 5, 7), "prep": (4, 5, 6, 7), "o": (4,), "tsolve": (1,), "intra": (4, 5)}
 H_ARG = {"state": 5, "o": 3}  # where h sits in the args (H_BF16 options get a bf16 one)
 
 
 def rounds(opt):
-    return bool(opt.get("STATE_BF16") or opt.get("PREP_BF16") or opt.get("H_BF16"))
+    # FUSED: other reference rows / products at tf32 and P rounded to bf16 after another summation
+    # order: within tf32 / bf16 rounding of the default, not bit-close to it
+    return bool(opt.get("STATE_BF16") or opt.get("PREP_BF16") or opt.get("H_BF16") or opt.get("FUSED"))
+
+
+def intra_call(seen, opt):
+    """chunk_intra + chunk_tsolve (or the FUSED variant ``opt``) on the captured inputs, as chunk_fwd
+    runs it."""
+    kernel, grid_fn, args, consts, _ = seen[KERNELS["intra"]]
+    pr = dict(DOT_PREC=consts["DOT_PREC"], INV_PREC=consts["INV_PREC"])
+    tsolve = [seen[KERNELS["tsolve"]][4]]
+    NT = grid_fn({})[0]
+    return lambda: ci.intra_solve(args, NT, consts["H"], consts["K"], consts["BT"], pr, [opt], tsolve)
+
+
+def intra_masks(P, BT):
+    """P: lower triangle of each chunk; T: all of it (sequences are whole chunks in the timing)."""
+    r = torch.arange(P.shape[0], device=P.device) % BT
+    c = torch.arange(BT, device=P.device)
+    return (r[:, None] >= c[None, :])[:, None, :].expand(P.shape), None
 
 
 def kopt(opt):
@@ -130,12 +157,14 @@ def bench(fn):
 def option_lists():
     NHs = [B * H for _, B in SHAPES]
     lists = dict(state=cs.state_sweep_options(D, NHs, torch.device(DEV)), prep=cf.prep_sweep_options(D, D),
-                 o=cf.o_sweep_options(D), tsolve=cf.tsolve_sweep_options())
+                 o=cf.o_sweep_options(D), tsolve=cf.tsolve_sweep_options(),
+                 intra=cf.intra_sweep_options(max(16, triton.next_power_of_2(D)), D))
+    lists = {n: v for n, v in lists.items() if n in ONLY}
     if SMALL:  # the interpreter ignores num_warps: one option per distinct computation
         for n, opts in lists.items():
             keep = {}
             for o in opts:
-                what = tuple((k, v) for k, v in o.items() if k not in ("num_warps", "num_stages"))
+                what = tuple((k, v) for k, v in o.items() if k not in ("num_warps", "num_stages", "DW"))
                 keep.setdefault(what, o)
             lists[n] = list(keep.values())
     return lists
@@ -148,11 +177,23 @@ def regs():
 
     global D, H
     D, H = 128, 16
-    base = dict(H=16, K=128, V=128, BT=64, BK=128, BC=16, OP_BF16=True, DOT_PREC="tf32", INV_PREC="tf32x3",
+    base = dict(H=16, K=128, V=128, BT=64, BK=128, BC=16, OP_BF16=True, DOT_PREC="tf32", INV_PREC="tf32x3", LEFT=1,
                 HAS_H0=True, STORE_FINAL=True, NATIVE=True, STATE_BF16=0, KSPLIT=1, NSB=1, PREP_BF16=0)
     for which, opts in option_lists().items():
         fn = getattr(cf, KERNELS[which])
         for opt in opts:
+            if which == "intra" and opt.get("FUSED"):
+                fk = ci.chunk_intra_wide_kernel if opt["FUSED"] == 2 else ci.chunk_intra_fused_kernel
+                ko = {n: v for n, v in opt.items() if n not in ci.HOST_KEYS + ("num_warps", "num_stages")}
+                off = "tf32" if opt.get("SOLVE_TF32") else base["INV_PREC"]
+                line = "fused " + r.usage(fk, {**base, **ko, "STORE_A": 0, "OFF_PREC": off}, opt["num_warps"])
+                if opt.get("DIAG"):
+                    d = ci.diag_option(opt)
+                    line += ", LEFT=0 pass " + r.usage(cf.chunk_intra_kernel, {**base, "BKS": d["BKS"], "NK": d["NK"],
+                                                                               "FAST_EXP": d["FAST_EXP"], "LEFT": 0},
+                                                       d["num_warps"])
+                print(which, opt, line, flush=True)
+                continue
             (r.BF16.add if opt.get("H_BF16") else r.BF16.discard)("h")
             o = {n: v for n, v in kopt(opt).items() if n not in ("num_warps", "num_stages")}
             try:
@@ -179,12 +220,22 @@ def run_option(which, opt, timing, ref_all):
             for o in outs:
                 o.fill_(float("nan"))
         ko = cf.for_inputs([kopt(opt)], torch.bfloat16, max(16, triton.next_power_of_2(D)))[0]
+        call = (intra_call(seen, ko) if which == "intra"
+                else lambda: kernel[grid_fn(ko)](*args, **consts, **ko))
         try:
-            kern = kernel[grid_fn(ko)](*args, **consts, **ko)
-            es = [rel_rms(a.float(), b.float()) for a, b in zip(outs, ref[which])]
+            kern = call()
+            if which == "intra":
+                nm = ("chunk_intra_wide_kernel" if opt.get("FUSED") == 2 else "chunk_intra_fused_kernel"
+                      if opt.get("FUSED") else KERNELS["intra"])
+                kern = cf.COMPILED.get(nm)
+                pm = intra_masks(outs[0], consts["BT"])[0]
+                es = [rel_rms(outs[0][pm].float(), ref[which][0][pm].float()),
+                      rel_rms(outs[1].float(), ref[which][1].float())]
+            else:
+                es = [rel_rms(a.float(), b.float()) for a, b in zip(outs, ref[which])]
             row[f"err_vs_default_T{T}"] = es
             err = max(err, max(es) / BOUND_DEFAULT[rounds(opt)])
-            row["ms"][f"T{T}"] = bench(lambda: kernel[grid_fn(ko)](*args, **consts, **ko))
+            row["ms"][f"T{T}"] = bench(call)
         finally:
             for o, r in zip(outs, ref[which]):  # later kernels read these
                 o.copy_(r)
@@ -259,8 +310,13 @@ def main():
         for which, name in KERNELS.items():
             kernel, grid_fn, args, consts, first = seen[name]
             ref[which] = [args[i].clone() for i in OUTS[which]]
-            default_ms[which, T] = bench(lambda: kernel[grid_fn(first)](*args, **consts, **first))
             default_opt[which, T] = first
+            if which not in ONLY:
+                continue
+            if which == "intra":  # chunk_intra + chunk_tsolve (rewrites P and T with the same values)
+                default_ms[which, T] = bench(intra_call(seen, first))
+                continue
+            default_ms[which, T] = bench(lambda: kernel[grid_fn(first)](*args, **consts, **first))
             if which == "tsolve":  # timing ran it again on its own output: same T (idempotent)
                 args[1].copy_(ref[which][0])
         ref["h"] = ref["state"][1]
@@ -336,15 +392,22 @@ def main():
         print("BEST_FWD_OPTION=" + repr(dict(kernel=KERNELS[which], hook=hook, option=best[hook],
                                              ms=round(ms, 4), default_ms=round(base, 4), fastest=r["option"])))
 
-    pick("state", "state", SHAPES[:1])
-    pick("state", "state_few", SHAPES[1:])
-    pick("prep", "prep", SHAPES)
+    if "state" in ONLY:
+        pick("state", "state", SHAPES[:1])
+        pick("state", "state_few", SHAPES[1:])
+    if "prep" in ONLY:
+        pick("prep", "prep", SHAPES)
     # chunk_fwd_o on the h the chosen state pass writes (at the full-grid shape's choice)
     hb = int(bool((best.get("state") or {}).get("H_BF16")))
-    pick("o", "o", SHAPES, lambda r: int(bool(r["option"].get("H_BF16"))) == hb)
-    pick("tsolve", "tsolve", SHAPES)
+    if "o" in ONLY:
+        pick("o", "o", SHAPES, lambda r: int(bool(r["option"].get("H_BF16"))) == hb)
+    if "tsolve" in ONLY:
+        pick("tsolve", "tsolve", SHAPES)
+    if "intra" in ONLY:  # its time includes chunk_tsolve's (default) or replaces it (FUSED)
+        pick("intra", "intra", SHAPES)
     print("# apply: chunk_fwd_state.py STATE_BEST = option of hook 'state', STATE_BEST_FEW = of 'state_few';"
-          " chunk_fwd.py PREP_BEST / O_BEST / TSOLVE_BEST = of 'prep' / 'o' / 'tsolve' (None: keep the default)")
+          " chunk_fwd.py PREP_BEST / O_BEST / TSOLVE_BEST / INTRA_BEST = of 'prep' / 'o' / 'tsolve' / 'intra'"
+          " (None: keep the default)")
     skipped = sum("skipped" in r.get("error", "") for r in rows)
     print(f"sweep_delta_fwd_variants: {sum(r['ok'] for r in rows)}/{len(rows) - skipped} options run correct, "
           f"{skipped} skipped (BUDGET_S), {time.time() - t_start:.1f}s", flush=True)

@@ -22,11 +22,13 @@ from test_delta_fwd_variants import CASES, OUTS, _inputs, _run
 pytestmark = pytest.mark.filterwarnings("error::RuntimeWarning")
 
 
-def _variants(K):
-    """One sweep option per distinct computation (the interpreter ignores num_warps)."""
+def _variants(K, per_form=False):
+    """One sweep option per distinct computation (the interpreter ignores num_warps), or with
+    ``per_form`` the first (most promising) per (FUSED, DIAG)."""
     keep = {}
     for o in cf.intra_sweep_options(max(16, triton.next_power_of_2(K)), K)[1:]:
-        keep.setdefault((o["FUSED"], o["DIAG"], o["BKS"], o.get("DBKS")), o)
+        key = (o["FUSED"], o["DIAG"]) + (() if per_form else (o["BKS"], o.get("DBKS"), o.get("SOLVE_TF32", 0)))
+        keep.setdefault(key, o)
     return list(keep.values())
 
 
@@ -34,6 +36,7 @@ def test_sweep_options_default_first_and_every_form():
     opts = cf.intra_sweep_options(128, 128)
     assert opts[0] == cf.intra_options(128, 128)[0] and not opts[0].get("FUSED")
     assert {(o.get("FUSED", 0), o.get("DIAG", 0)) for o in opts} == {(0, 0), (1, 0), (1, 1), (2, 0), (2, 1)}
+    assert {(o.get("FUSED", 0), o.get("SOLVE_TF32", 0)) for o in opts} >= {(1, 1), (2, 1)}
     assert len(opts) == len({tuple(sorted(o.items())) for o in opts})
     # narrower K: no key block wider than the channels
     assert all(o["BKS"] <= 32 and o.get("DBKS", 0) <= 32 for o in cf.intra_sweep_options(32, 32))
@@ -54,7 +57,7 @@ def test_intra_variants_match_naive(seed, monkeypatch, case):
     ref = _run(naive_fg2_delta_rule, x, cu)
     base = _run(chunk_fg2_delta_rule, x, cu, chunk_size=BT)
     # one option per (FUSED, DIAG), the key-block widths being covered by the intermediates' test
-    opts = list({(o["FUSED"], o["DIAG"]): o for o in _variants(K)}.values())
+    opts = _variants(K, per_form=True)
     for opt in opts:
         with monkeypatch.context() as mp:
             mp.setattr(cf, "intra_options", lambda *a, o=opt: [o])
@@ -144,9 +147,7 @@ def upper_mask(lens, H, BT):
                                               (torch.float32, 16, 1.0)])
 def test_intermediates_match_default(seed, dtype, BT, decay):
     case = _case(dtype, BT, decay)
-    opts = _variants(48)
-    if BT < 64:  # one option per form
-        opts = list({(o["FUSED"], o["DIAG"]): o for o in opts}.values())
+    opts = _variants(48, per_form=BT < 64)  # every key-block width at BT = 64
     for opt in opts:
         errs = _check_intermediates(opt, case)
         print(opt, {n: f"{e:.1e}" for n, e in errs.items()})

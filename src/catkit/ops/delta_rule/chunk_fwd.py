@@ -25,7 +25,8 @@ Kernels: ``chunk_cumsum`` (G), ``chunk_intra`` (A, P, diagonal inverses; per sub
 per chunk and column block), ``chunk_fwd_state`` (sequential over chunks per (sequence, head, V
 tile): Vn, per-chunk start states, final state; in chunk_fwd_state.py), ``chunk_fwd_o`` (O from
 the saved states, parallel over chunks). Variants behind constexpr switches (chunk_prep: NSB,
-PREP_BF16; the state pass: STATE_BF16, KSPLIT, H_BF16) are timed by
+PREP_BF16; the state pass: STATE_BF16, KSPLIT, H_BF16; chunk_intra + chunk_tsolve: the per-chunk
+FUSED kernels of chunk_fwd_intra.py, chosen by an ``intra_options`` entry) are timed by
 scripts/sweep_delta_fwd_variants.py, whose winners go into the ``*_BEST`` hooks.
 
 HBM bytes per (chunk, head) at BT = 64, K = V = 128, bf16 inputs (fp32 g), estimates (x 8192 at
@@ -467,30 +468,37 @@ def intra_options(BK, K):
     first. Measured on an H200 (Triton 3.6, bf16, K = 128, 32K tokens x 16 heads;
     scripts/sweep_delta_intra.py): BKS 32 / 2 warps 1.22 ms (255 registers, 2 spilled), BKS 16 /
     2 warps 1.45 ms, BKS 16 / 4 warps 1.84 ms, BKS 32 / 4 warps 1.90 ms; 8 warps 3.9-5.2 ms.
-    FAST_EXP (ex2.approx.ftz) is GPU-only PTX: off under the interpreter."""
-    return best_first(INTRA_BEST, [dict(BKS=b, NK=triton.cdiv(K, b), FAST_EXP=not interpreted(), num_warps=w,
-                                        num_stages=st) for st in _stages() for b, w in ((32, 2), (16, 2), (16, 4), (32, 4))],
-                      BK)
+    FAST_EXP (ex2.approx.ftz) is GPU-only PTX: off under the interpreter. INTRA_BEST (the sweep's
+    winner, e.g. a FUSED option of intra_sweep_options) goes first."""
+    opts = [dict(BKS=b, NK=triton.cdiv(K, b), FAST_EXP=not interpreted(), num_warps=w, num_stages=st)
+            for st in _stages() for b, w in ((32, 2), (16, 2), (16, 4), (32, 4))]
+    return best_first(INTRA_BEST, opts, BK)
 
 
 def intra_sweep_options(BK, K):
     """chunk_intra + chunk_tsolve options for the sweep, today's first, then the per-chunk FUSED
-    variants of chunk_fwd_intra.py, most promising first: DIAG 0 (one kernel) at (BKS, warps),
-    DIAG 1 (chunk_intra_kernel's LEFT = 0 diagonal pass at (DBKS, DW), then the fused off-diagonal
-    + solve) at (BKS, warps, DBKS, DW). sm_90a register estimates: scripts/sm90_regs_delta.py."""
+    variants of chunk_fwd_intra.py, most promising first (sm_90a register estimates at K = 128,
+    bf16, Triton 3.9, scripts/sweep_delta_fwd_variants.py --regs; the default: 255 + 168 bytes of
+    stack): FUSED 2 (whole-chunk tiles) DIAG 1 at 8 warps 247 registers, 167 with SOLVE_TF32;
+    FUSED 1 (16x16 blocks) DIAG 1 at 4 warps 254; the DIAG 1 diagonal pass (chunk_intra_kernel,
+    LEFT = 0) 149 at DBKS 32 / 2 warps; DIAG 0 (one kernel) spills in both forms, hence last.
+    Keys: FUSED, DIAG, BKS / NK / FAST_EXP / num_warps (the fused kernel), DBKS / DW (the DIAG 1
+    pass's key block and warps), SOLVE_TF32 (tf32 instead of tf32x3 past the diagonal inverses)."""
     first = intra_options(BK, K)[0]
     fe, st = first["FAST_EXP"], first["num_stages"]
     opts = [first]
-    for b, w in ((32, 4), (16, 4), (32, 2), (64, 4), (16, 2), (32, 8)):
-        opts.append(dict(FUSED=1, DIAG=0, BKS=b, NK=triton.cdiv(K, b), FAST_EXP=fe, num_warps=w, num_stages=st))
-    for b, w, db, dw in ((32, 4, 32, 2), (64, 4, 32, 2), (32, 2, 32, 2), (32, 4, 32, 4), (16, 4, 16, 2),
-                         (64, 8, 64, 4)):
-        opts.append(dict(FUSED=1, DIAG=1, BKS=b, NK=triton.cdiv(K, b), FAST_EXP=fe, num_warps=w, num_stages=st,
-                         DBKS=db, DW=dw))
-    # FUSED 2: whole-chunk tiles (chunk_fwd_intra.chunk_intra_wide_kernel), (DIAG, BKS, warps)
-    for d, b, w in ((1, 32, 4), (1, 32, 8), (1, 16, 4), (0, 32, 8), (0, 16, 4)):
-        o = dict(FUSED=2, DIAG=d, BKS=b, NK=triton.cdiv(K, b), FAST_EXP=fe, num_warps=w, num_stages=st)
-        opts.append(dict(o, DBKS=32, DW=2) if d else o)
+    # (FUSED, DIAG, BKS, warps, DBKS, DW, SOLVE_TF32)
+    for f, d, b, w, db, dw, tf in ((2, 1, 32, 8, 32, 2, 0), (2, 1, 32, 8, 32, 2, 1), (1, 1, 32, 4, 32, 2, 0),
+                                   (1, 1, 32, 4, 32, 2, 1), (2, 1, 32, 4, 32, 2, 0), (1, 1, 16, 4, 16, 2, 0),
+                                   (2, 1, 16, 4, 16, 2, 1), (1, 1, 32, 2, 32, 2, 0), (1, 1, 32, 4, 32, 4, 0),
+                                   (2, 1, 64, 8, 64, 4, 1), (1, 0, 32, 4, 0, 0, 0), (1, 0, 16, 2, 0, 0, 1),
+                                   (2, 0, 32, 8, 0, 0, 1), (2, 0, 16, 4, 0, 0, 0)):
+        o = dict(FUSED=f, DIAG=d, BKS=b, NK=triton.cdiv(K, b), FAST_EXP=fe, num_warps=w, num_stages=st)
+        if d:
+            o.update(DBKS=db, DW=dw)
+        if tf:
+            o["SOLVE_TF32"] = 1
+        opts.append(o)
     out = []
     for o in opts:  # key blocks wider than this call's K would only mask channels
         if o.get("BKS", 0) <= BK and o.get("DBKS", 0) <= BK and o not in out:

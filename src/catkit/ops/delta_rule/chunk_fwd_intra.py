@@ -30,8 +30,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from catkit.ops.delta_rule.chunk_fwd import (_exp, _half_pairs, _seq_bounds, chunk_intra_kernel, chunk_tsolve_kernel,
-                                             launch)
+import catkit.ops.delta_rule.chunk_fwd as cf
+from catkit.ops.delta_rule.chunk_fwd import _exp, _half_pairs, _seq_bounds, chunk_intra_kernel, chunk_tsolve_kernel
 
 
 @triton.jit
@@ -202,7 +202,7 @@ def chunk_intra_fused_kernel(q, k, G, A, P, Tm, chunk_indices, cu_seqlens,
                              H: tl.constexpr, K: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr,
                              BKS: tl.constexpr, NK: tl.constexpr, DOT_PREC: tl.constexpr,
                              INV_PREC: tl.constexpr, FAST_EXP: tl.constexpr, DIAG: tl.constexpr = 0,
-                             STORE_A: tl.constexpr = 0):
+                             STORE_A: tl.constexpr = 0, OFF_PREC: tl.constexpr = "tf32x3"):
     """P (lower) and T = (I + A)^-1 (into Tm) of one chunk and head; see the module docstring.
     Row block by row block (NS = BT / BC in (1, 2, 4)): A's row block a, then T's row block a by
     forward substitution, T_ab = -D_a^-1 sum_{b <= c < a} A_ac T_cb, from the T blocks of the
@@ -220,23 +220,23 @@ def chunk_intra_fused_kernel(q, k, G, A, P, Tm, chunk_indices, cu_seqlens,
         a10, _, _, xd = _row_pass(q, k, G, A, P, t0, 1, eos, i_h, H, K, BT, BC, BKS, NK, DOT_PREC, FAST_EXP,
                                   DIAG, STORE_A)
         t11 = _dinv(xd, Tm, t0, 1, eos, i_h, H, BT, BC, INV_PREC, DIAG, NS)
-        t10 = -_mmi(t11, _mmi(a10, t00, INV_PREC), INV_PREC)
+        t10 = -_mmi(t11, _mmi(a10, t00, OFF_PREC), OFF_PREC)
         _put(Tm, t10, t0, 1, 0, eos, i_h, H, BT, BC)
     if NS >= 4:
         a20, a21, _, xd = _row_pass(q, k, G, A, P, t0, 2, eos, i_h, H, K, BT, BC, BKS, NK, DOT_PREC, FAST_EXP,
                                     DIAG, STORE_A)
         t22 = _dinv(xd, Tm, t0, 2, eos, i_h, H, BT, BC, INV_PREC, DIAG, NS)
-        t21 = -_mmi(t22, _mmi(a21, t11, INV_PREC), INV_PREC)
-        t20 = -_mmi(t22, _mmi(a20, t00, INV_PREC) + _mmi(a21, t10, INV_PREC), INV_PREC)
+        t21 = -_mmi(t22, _mmi(a21, t11, OFF_PREC), OFF_PREC)
+        t20 = -_mmi(t22, _mmi(a20, t00, OFF_PREC) + _mmi(a21, t10, OFF_PREC), OFF_PREC)
         _put(Tm, t20, t0, 2, 0, eos, i_h, H, BT, BC)
         _put(Tm, t21, t0, 2, 1, eos, i_h, H, BT, BC)
         a30, a31, a32, xd = _row_pass(q, k, G, A, P, t0, 3, eos, i_h, H, K, BT, BC, BKS, NK, DOT_PREC, FAST_EXP,
                                       DIAG, STORE_A)
         t33 = _dinv(xd, Tm, t0, 3, eos, i_h, H, BT, BC, INV_PREC, DIAG, NS)
-        t32 = -_mmi(t33, _mmi(a32, t22, INV_PREC), INV_PREC)
-        t31 = -_mmi(t33, _mmi(a31, t11, INV_PREC) + _mmi(a32, t21, INV_PREC), INV_PREC)
-        t30 = -_mmi(t33, _mmi(a30, t00, INV_PREC) + _mmi(a31, t10, INV_PREC) + _mmi(a32, t20, INV_PREC),
-                    INV_PREC)
+        t32 = -_mmi(t33, _mmi(a32, t22, OFF_PREC), OFF_PREC)
+        t31 = -_mmi(t33, _mmi(a31, t11, OFF_PREC) + _mmi(a32, t21, OFF_PREC), OFF_PREC)
+        t30 = -_mmi(t33, _mmi(a30, t00, OFF_PREC) + _mmi(a31, t10, OFF_PREC) + _mmi(a32, t20, OFF_PREC),
+                    OFF_PREC)
         _put(Tm, t30, t0, 3, 0, eos, i_h, H, BT, BC)
         _put(Tm, t31, t0, 3, 1, eos, i_h, H, BT, BC)
         _put(Tm, t32, t0, 3, 2, eos, i_h, H, BT, BC)
@@ -247,7 +247,7 @@ def chunk_intra_wide_kernel(q, k, G, A, P, Tm, chunk_indices, cu_seqlens,
                             H: tl.constexpr, K: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr,
                             BKS: tl.constexpr, NK: tl.constexpr, DOT_PREC: tl.constexpr,
                             INV_PREC: tl.constexpr, FAST_EXP: tl.constexpr, DIAG: tl.constexpr = 1,
-                            STORE_A: tl.constexpr = 0):
+                            STORE_A: tl.constexpr = 0, OFF_PREC: tl.constexpr = "tf32x3"):
     """FUSED 2: P and T of one chunk and head on whole [BT, BT] tiles (M = BT rows split over the
     warps, nothing replicated per warp, unlike the 16x16 blocks above). A and P come from the
     recursive reference-row form on the whole chunk (chunk_fwd._half_pairs with BT rows): at level
@@ -307,14 +307,14 @@ def chunk_intra_wide_kernel(q, k, G, A, P, Tm, chunk_indices, cu_seqlens,
             tl.store(A + offc, b_L, mask=valid[:, None] & off_d)
         b_Td = tl.load(Tm + offc, mask=valid[:, None] & (rb[:, None] == rb[None, :]), other=0.0)
     # chunk_tsolve's solve (exact for NS <= 4): T = Y + M^2 Y, Y = D^-1 - M D^-1, M = D^-1 L
-    b_M = tl.dot(b_Td, b_L, input_precision=INV_PREC)
-    b_T = b_Td - tl.dot(b_M, b_Td, input_precision=INV_PREC)
-    b_M = tl.dot(b_M, b_M, input_precision=INV_PREC)
-    b_T += tl.dot(b_M, b_T, input_precision=INV_PREC)
+    b_M = tl.dot(b_Td, b_L, input_precision=OFF_PREC)
+    b_T = b_Td - tl.dot(b_M, b_Td, input_precision=OFF_PREC)
+    b_M = tl.dot(b_M, b_M, input_precision=OFF_PREC)
+    b_T += tl.dot(b_M, b_T, input_precision=OFF_PREC)
     tl.store(Tm + offc, b_T, mask=valid[:, None])
 
 
-HOST_KEYS = ("FUSED", "DBKS", "DW")  # option keys read here, not kernel constants
+HOST_KEYS = ("FUSED", "DBKS", "DW", "SOLVE_TF32")  # option keys read here, not kernel constants
 
 
 def diag_option(opt):
@@ -327,20 +327,26 @@ def intra_solve(args, NT, H, K, BT, pr, opts, tsolve_opts, store_a=False):
     """P (lower) and T = (I + A)^-1 into Tm for ``args = (q, k, G, A, P, Tm, chunk_indices,
     cu_seqlens)``: with the first of ``opts`` a FUSED option, chunk_intra_fused_kernel (after the
     LEFT = 0 diagonal pass for DIAG 1) over the FUSED options of ``opts`` (the next is tried on
-    OutOfResources); else chunk_intra_kernel then chunk_tsolve_kernel, as before. A is complete
+    OutOfResources); else chunk_intra_kernel then chunk_tsolve_kernel, as before. (cf.launch, looked
+    up per call: scripts/sweep_delta_fwd_variants.py records the launches by patching it.) A is complete
     (strict lower, every block) only on the default path or with ``store_a``."""
     BC = min(16, BT)
     consts = dict(H=H, K=K, BT=BT, BC=BC, DOT_PREC=pr["DOT_PREC"], INV_PREC=pr["INV_PREC"])
     if opts[0].get("FUSED"):
-        fused = [o for o in opts if (o.get("FUSED"), o.get("DIAG", 0)) == (opts[0]["FUSED"], opts[0].get("DIAG", 0))]
+        form = lambda o: (o.get("FUSED"), o.get("DIAG", 0), o.get("SOLVE_TF32", 0))  # noqa: E731
+        fused = [o for o in opts if form(o) == form(opts[0])]
         if opts[0].get("DIAG", 0):
-            launch(chunk_intra_kernel, lambda o: (NT, H, BT // BC), args, dict(consts, LEFT=0),
+            cf.launch(chunk_intra_kernel, lambda o: (NT, H, BT // BC), args, dict(consts, LEFT=0),
                    [diag_option(o) for o in fused])
         kernel = chunk_intra_wide_kernel if opts[0]["FUSED"] == 2 else chunk_intra_fused_kernel
-        launch(kernel, lambda o: (NT, H), args, dict(consts, STORE_A=int(store_a)),
+        # SOLVE_TF32: the products of the solve past the diagonal inverses in one tf32 pass instead of
+        # tf32x3 (16-bit inputs only; fp32 inputs keep ieee): A itself comes from tf32 products on
+        # that path, and T only enters bf16-rounded W / U. ~100 registers less (sm_90a estimates).
+        off = "tf32" if opts[0].get("SOLVE_TF32") and pr["INV_PREC"] == "tf32x3" else pr["INV_PREC"]
+        cf.launch(kernel, lambda o: (NT, H), args, dict(consts, STORE_A=int(store_a), OFF_PREC=off),
                [{n: v for n, v in o.items() if n not in HOST_KEYS} for o in fused])
         return
-    launch(chunk_intra_kernel, lambda o: (NT, H, BT // BC), args, consts, [o for o in opts if not o.get("FUSED")])
+    cf.launch(chunk_intra_kernel, lambda o: (NT, H, BT // BC), args, consts, [o for o in opts if not o.get("FUSED")])
     q, k, G, A, P, Tm, ci, cu = args
-    launch(chunk_tsolve_kernel, lambda o: (NT, H), (A, Tm, ci, cu), dict(H=H, BT=BT, BC=BC, INV_PREC=pr["INV_PREC"]),
+    cf.launch(chunk_tsolve_kernel, lambda o: (NT, H), (A, Tm, ci, cu), dict(H=H, BT=BT, BC=BC, INV_PREC=pr["INV_PREC"]),
            tsolve_opts)
