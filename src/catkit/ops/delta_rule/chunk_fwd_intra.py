@@ -1,28 +1,41 @@
 """Per-chunk variants of chunk_intra + chunk_tsolve (see chunk_fwd.py for the algebra and the decay
-factorisation). Both variants end where the default pair ends: P (lower) and T = (I + A)^-1 in Tm
+factorisation). Every variant ends where the default pair ends: P (lower) and T = (I + A)^-1 in Tm
 (zeros above the diagonal); A itself is only needed inside, so it is stored only with STORE_A (tests).
+No A round trip through HBM (per (chunk, head): A fp32 16 KB written and read back, Tm 16 KB read
+by chunk_tsolve) and no chunk_tsolve launch. Chosen through ``intra_options`` (chunk_fwd.py): a
+first option with FUSED = 1 / 2 runs ``intra_solve``'s per-chunk path; INTRA_BEST holds the
+sweep's winner (scripts/sweep_delta_fwd_variants.py, ONLY=intra).
 
-``chunk_intra_fused_kernel``, one program per (chunk, head) for all NS = BT / BC sub-chunks:
+Why the default is slow (H200, 32K tokens x 16 heads, K = 128: chunk_intra 1.22 ms + chunk_tsolve
+0.39 ms): chunk_intra runs 32768 programs of 2 warps at 255 registers (4 CTAs = 8 warps per SM)
+and each forms ~27K exps (R on all BT rows for its left blocks, per sub-chunk), ~0.9 G exps in
+all (~0.2 ms of MUFU); its tensor-core work (~34 GFLOP tf32) and bytes (~1.1 GB, mostly L2) are
+far below a millisecond: latency at low occupancy. chunk_tsolve: 8192 programs, 4 warps, 246
+registers (two CTAs per SM), four [64, 64, 64] tf32x3 products (~50 GFLOP), ~0.4 GB.
 
-  * the NS (NS - 1) / 2 blocks of A and P left of the diagonal as 16x16 tensor-core products per
-    block pair (a, b), factored through the last row r_a of sub-chunk a - 1:
-    exp(G_i - G_j) = exp(G_i - G_ra) exp(G_ra - G_j), both exponents <= 0 for i in a, j in b < a.
-    Exps per key channel at BT = 64: 3 x 16 (F) + 6 x 16 (R) = 144, against 3 x (16 + 64) = 240
-    in the per-sub-chunk kernel (each of its programs forms R on all BT rows, masked); the chunk's
-    q, k, G are read once instead of k, G once more per later sub-chunk.
-  * DIAG 0: the diagonal blocks with the per-sub-chunk kernel's recursive reference-row form
-    (chunk_fwd._half_pairs) and their inverses by the same Neumann product;
-    DIAG 1: the diagonal blocks come from chunk_intra_kernel run first with LEFT = 0 (its A / P
-    diagonal blocks and inverses, no [BT, BC] left products: a light token-parallel pass), and
-    this kernel reads the inverses D_a^-1 from Tm's diagonal blocks.
-  * T by block forward substitution on 16x16 blocks: T_aa = D_a^-1,
-    T_ab = -D_a^-1 sum_{b <= c < a} A_ac T_cb (16 products of 16x16x16 at INV_PREC for NS = 4,
-    against chunk_tsolve's four [64, 64] x [64, 64] tf32x3 products), in registers: no A round
-    trip through HBM (per (chunk, head): A fp32 16 KB written and read, Tm's diagonal blocks
-    4 KB written and read, and chunk_tsolve's launch).
+``chunk_intra_fused_kernel`` (FUSED 1), one program per (chunk, head), row block by row block:
 
-Chosen through ``intra_options`` (chunk_fwd.py): an option with FUSED = 1 runs this path instead
-of chunk_intra + chunk_tsolve; INTRA_BEST (chunk_fwd.py) holds the sweep's winner.
+  * blocks (a, b < a) of A and P as 16x16 tensor-core products, factored through the last row r_a
+    of sub-chunk a - 1: exp(G_i - G_j) = exp(G_i - G_ra) exp(G_ra - G_j), both exponents <= 0.
+    Exps per key channel at BT = 64: 3 x 16 (F) + 6 x 16 (R) = 144, against 3 x (16 + 64) = 240.
+  * T by block forward substitution, T_aa = D_a^-1, T_ab = -D_a^-1 sum_{b <= c < a} A_ac T_cb:
+    16 products of 16x16x16 instead of four [64, 64, 64].
+  * Cost: Triton lays every 16x16 product of this chain out as warpsPerCTA [num_warps, 1], so each
+    warp holds whole tiles (8 registers per 16x16 fp32 tile): 254 registers at 4 warps (DIAG 1).
+
+``chunk_intra_wide_kernel`` (FUSED 2), one program per (chunk, head) on whole [BT, BT] tiles (M = BT
+rows split over the warps): A and P from the recursive reference-row form on the whole chunk
+(_half_pairs with BT rows: level S pairs rows of the lower half of each S-block with the upper half
+through its last row, one exp tile per level serving both sides), then chunk_tsolve's solve in
+registers. Levels S > BC cover the blocks left of the diagonal: 2 exp tiles per key block at
+BT = 64 (16K exps per (chunk, head) against ~106K in chunk_intra). 247 registers at 8 warps.
+
+Both forms: DIAG 1 takes the diagonal blocks (A, P and D_a^-1) from chunk_intra_kernel run first
+with LEFT = 0 (its left products switched off: 149 registers at 2 warps, so 6 CTAs per SM instead
+of 4, and a third of its exps); DIAG 0 forms them in the kernel too (one launch, but it spills).
+SOLVE_TF32 runs the solve's products past D^-1 in one tf32 pass instead of tf32x3 on the 16-bit
+path (167 registers for FUSED 2 / 8 warps). Register counts: sm_90a estimates with Triton 3.9
+(scripts/sweep_delta_fwd_variants.py --regs, scripts/sm90_regs_delta.py ... fused).
 """
 
 from __future__ import annotations
