@@ -30,14 +30,15 @@ BF16 = {"q", "k", "v", "W", "U", "QG", "KD", "o", "P", "vn", "do", "dq", "dk"}
 I32 = {"chunk_indices", "cu_seqlens", "chunk_offsets"}
 
 
-def usage(fn, consts, num_warps):
+def usage(fn, consts, num_warps, maxnreg=None):
     params = fn.arg_names
     consts = {n: v for n, v in consts.items() if n in params}
     sig = {p: "constexpr" if p in consts else ("fp32" if p == "scale" else "*i32" if p in I32
            else "*bf16" if p in BF16 else "*fp32") for p in params}
     attrs = {(i,): [["tt.divisibility", 16]] for i, p in enumerate(params) if sig[p].startswith("*")}
     kern = triton.compile(ASTSource(fn, sig, constexprs=consts, attrs=attrs),
-                          target=GPUTarget("cuda", 90, 32), options=dict(num_warps=num_warps, num_stages=1))
+                          target=GPUTarget("cuda", 90, 32),
+                          options=dict(num_warps=num_warps, num_stages=1, **({"maxnreg": maxnreg} if maxnreg else {})))
     tool = os.path.join(os.path.dirname(triton.__file__), "backends/nvidia/bin/cuobjdump")
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(kern.asm["cubin"])
@@ -70,10 +71,10 @@ def main():
         if only is not None and name not in only:
             continue
         for opt in options:
-            o = {n: v for n, v in opt.items() if n not in ("num_warps", "num_stages") + ci.HOST_KEYS}
+            o = {n: v for n, v in opt.items() if n not in ("num_warps", "num_stages", "maxnreg") + ci.HOST_KEYS}
             if opt.get("SOLVE_TF32"):
                 o["OFF_PREC"] = "tf32"
-            print(name, opt, usage(fn, {**base, **o}, opt["num_warps"]), flush=True)
+            print(name, opt, usage(fn, {**base, **o}, opt["num_warps"], opt.get("maxnreg")), flush=True)
 
 
 if __name__ == "__main__":

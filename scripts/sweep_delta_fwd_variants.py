@@ -164,7 +164,8 @@ def option_lists():
         for n, opts in lists.items():
             keep = {}
             for o in opts:
-                what = tuple((k, v) for k, v in o.items() if k not in ("num_warps", "num_stages", "DW"))
+                what = tuple((k, v) for k, v in o.items() if k not in ("num_warps", "num_stages", "DW", "maxnreg",
+                                                                     "DMAXNREG"))
                 keep.setdefault(what, o)
             lists[n] = list(keep.values())
     return lists
@@ -184,14 +185,15 @@ def regs():
         for opt in opts:
             if which == "intra" and opt.get("FUSED"):
                 fk = ci.chunk_intra_wide_kernel if opt["FUSED"] == 2 else ci.chunk_intra_fused_kernel
-                ko = {n: v for n, v in opt.items() if n not in ci.HOST_KEYS + ("num_warps", "num_stages")}
+                ko = {n: v for n, v in opt.items() if n not in ci.HOST_KEYS + ("num_warps", "num_stages", "maxnreg")}
                 off = "tf32" if opt.get("SOLVE_TF32") else base["INV_PREC"]
-                line = "fused " + r.usage(fk, {**base, **ko, "STORE_A": 0, "OFF_PREC": off}, opt["num_warps"])
+                line = "fused " + r.usage(fk, {**base, **ko, "STORE_A": 0, "OFF_PREC": off}, opt["num_warps"],
+                                          opt.get("maxnreg"))
                 if opt.get("DIAG"):
                     d = ci.diag_option(opt)
                     line += ", LEFT=0 pass " + r.usage(cf.chunk_intra_kernel, {**base, "BKS": d["BKS"], "NK": d["NK"],
                                                                                "FAST_EXP": d["FAST_EXP"], "LEFT": 0},
-                                                       d["num_warps"])
+                                                       d["num_warps"], d.get("maxnreg"))
                 print(which, opt, line, flush=True)
                 continue
             (r.BF16.add if opt.get("H_BF16") else r.BF16.discard)("h")

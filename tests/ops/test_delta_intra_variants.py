@@ -148,6 +148,8 @@ def upper_mask(lens, H, BT):
 def test_intermediates_match_default(seed, dtype, BT, decay):
     case = _case(dtype, BT, decay)
     opts = _variants(48, per_form=BT < 64)  # every key-block width at BT = 64
+    if BT == 64:  # and the register caps (launch options; the interpreter must accept them)
+        opts.append(next(o for o in cf.intra_sweep_options(64, 48) if o.get("DMAXNREG")))
     for opt in opts:
         errs = _check_intermediates(opt, case)
         print(opt, {n: f"{e:.1e}" for n, e in errs.items()})

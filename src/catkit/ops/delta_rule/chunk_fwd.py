@@ -483,21 +483,30 @@ def intra_sweep_options(BK, K):
     FUSED 1 (16x16 blocks) DIAG 1 at 4 warps 254; the DIAG 1 diagonal pass (chunk_intra_kernel,
     LEFT = 0) 149 at DBKS 32 / 2 warps; DIAG 0 (one kernel) spills in both forms, hence last.
     Keys: FUSED, DIAG, BKS / NK / FAST_EXP / num_warps (the fused kernel), DBKS / DW (the DIAG 1
-    pass's key block and warps), SOLVE_TF32 (tf32 instead of tf32x3 past the diagonal inverses)."""
+    pass's key block and warps), SOLVE_TF32 (tf32 instead of tf32x3 past the diagonal inverses),
+    maxnreg / DMAXNREG (register caps of the fused kernel / the DIAG 1 pass)."""
     first = intra_options(BK, K)[0]
     fe, st = first["FAST_EXP"], first["num_stages"]
     opts = [first]
-    # (FUSED, DIAG, BKS, warps, DBKS, DW, SOLVE_TF32)
-    for f, d, b, w, db, dw, tf in ((2, 1, 32, 8, 32, 2, 0), (2, 1, 32, 8, 32, 2, 1), (1, 1, 32, 4, 32, 2, 0),
-                                   (1, 1, 32, 4, 32, 2, 1), (2, 1, 32, 4, 32, 2, 0), (1, 1, 16, 4, 16, 2, 0),
-                                   (2, 1, 16, 4, 16, 2, 1), (1, 1, 32, 2, 32, 2, 0), (1, 1, 32, 4, 32, 4, 0),
-                                   (2, 1, 64, 8, 64, 4, 1), (1, 0, 32, 4, 0, 0, 0), (1, 0, 16, 2, 0, 0, 1),
-                                   (2, 0, 32, 8, 0, 0, 1), (2, 0, 16, 4, 0, 0, 0)):
+    # (FUSED, DIAG, BKS, warps, DBKS, DW, SOLVE_TF32, maxnreg, DMAXNREG): maxnreg caps the fused
+    # kernel's registers (128 at 8 warps: two CTAs per SM instead of one, ~150-220 bytes of stack),
+    # DMAXNREG the DIAG 1 pass's (128 at 2 warps: 8 CTAs per SM instead of 6, 88 bytes of stack)
+    for f, d, b, w, db, dw, tf, mx, dmx in (
+            (2, 1, 32, 8, 32, 2, 0, 0, 0), (2, 1, 32, 8, 32, 2, 1, 0, 0), (1, 1, 32, 4, 32, 2, 0, 0, 0),
+            (2, 1, 16, 8, 16, 2, 1, 0, 0), (2, 1, 16, 8, 16, 2, 1, 128, 0), (1, 1, 32, 4, 32, 2, 1, 0, 0),
+            (2, 1, 32, 8, 32, 2, 1, 128, 128), (2, 1, 32, 4, 32, 2, 0, 0, 0), (1, 1, 16, 4, 16, 2, 0, 0, 0),
+            (2, 1, 16, 4, 16, 2, 1, 0, 0), (1, 1, 32, 2, 32, 2, 0, 0, 0), (1, 1, 32, 4, 32, 4, 0, 0, 0),
+            (2, 1, 64, 8, 64, 4, 1, 0, 0), (1, 0, 32, 4, 0, 0, 0, 0, 0), (1, 0, 16, 2, 0, 0, 1, 0, 0),
+            (2, 0, 32, 8, 0, 0, 1, 0, 0), (2, 0, 16, 4, 0, 0, 0, 0, 0)):
         o = dict(FUSED=f, DIAG=d, BKS=b, NK=triton.cdiv(K, b), FAST_EXP=fe, num_warps=w, num_stages=st)
         if d:
             o.update(DBKS=db, DW=dw)
         if tf:
             o["SOLVE_TF32"] = 1
+        if mx:
+            o["maxnreg"] = mx
+        if dmx:
+            o["DMAXNREG"] = dmx
         opts.append(o)
     out = []
     for o in opts:  # key blocks wider than this call's K would only mask channels

@@ -327,13 +327,16 @@ def chunk_intra_wide_kernel(q, k, G, A, P, Tm, chunk_indices, cu_seqlens,
     tl.store(Tm + offc, b_T, mask=valid[:, None])
 
 
-HOST_KEYS = ("FUSED", "DBKS", "DW", "SOLVE_TF32")  # option keys read here, not kernel constants
+HOST_KEYS = ("FUSED", "DBKS", "DW", "SOLVE_TF32", "DMAXNREG")  # option keys read here, not kernel constants
 
 
 def diag_option(opt):
     """The LEFT = 0 chunk_intra_kernel launch option of a DIAG 1 option."""
-    return dict(BKS=opt["DBKS"], NK=triton.cdiv(opt["NK"] * opt["BKS"], opt["DBKS"]), FAST_EXP=opt["FAST_EXP"],
-                num_warps=opt["DW"], num_stages=opt["num_stages"])
+    o = dict(BKS=opt["DBKS"], NK=triton.cdiv(opt["NK"] * opt["BKS"], opt["DBKS"]), FAST_EXP=opt["FAST_EXP"],
+             num_warps=opt["DW"], num_stages=opt["num_stages"])
+    if opt.get("DMAXNREG"):
+        o["maxnreg"] = opt["DMAXNREG"]
+    return o
 
 
 def intra_solve(args, NT, H, K, BT, pr, opts, tsolve_opts, store_a=False):
