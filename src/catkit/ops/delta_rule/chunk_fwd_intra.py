@@ -7,11 +7,12 @@ first option with FUSED = 1 / 2 runs ``intra_solve``'s per-chunk path; INTRA_BES
 sweep's winner (scripts/sweep_delta_fwd_variants.py, ONLY=intra).
 
 Why the default is slow (H200, 32K tokens x 16 heads, K = 128: chunk_intra 1.22 ms + chunk_tsolve
-0.39 ms): chunk_intra runs 32768 programs of 2 warps at 255 registers (4 CTAs = 8 warps per SM)
-and each forms ~27K exps (R on all BT rows for its left blocks, per sub-chunk), ~0.9 G exps in
-all (~0.2 ms of MUFU); its tensor-core work (~34 GFLOP tf32) and bytes (~1.1 GB, mostly L2) are
-far below a millisecond: latency at low occupancy. chunk_tsolve: 8192 programs, 4 warps, 246
-registers (two CTAs per SM), four [64, 64, 64] tf32x3 products (~50 GFLOP), ~0.4 GB.
+0.39 ms): chunk_intra runs 32768 programs of 2 warps at 255 registers (4 CTAs = 8 warps per SM);
+a program of sub-chunk a > 0 forms 144 x 128 exps (R on all BT rows, F, four diagonal levels),
+63.5K per (chunk, head), ~0.52 G in all (~0.12 ms of MUFU at 16 / clock / SM); its tensor-core
+work (~34 GFLOP tf32, ~0.07 ms) and bytes (~1.1 GB in, mostly L2; 230 MB out) are far below a
+millisecond: latency at low occupancy. chunk_tsolve: 8192 programs, 4 warps, 246 registers (two
+CTAs per SM), four [64, 64, 64] tf32x3 products (~52 GFLOP), ~0.4 GB.
 
 ``chunk_intra_fused_kernel`` (FUSED 1), one program per (chunk, head), row block by row block:
 
@@ -28,7 +29,8 @@ rows split over the warps): A and P from the recursive reference-row form on the
 (_half_pairs with BT rows: level S pairs rows of the lower half of each S-block with the upper half
 through its last row, one exp tile per level serving both sides), then chunk_tsolve's solve in
 registers. Levels S > BC cover the blocks left of the diagonal: 2 exp tiles per key block at
-BT = 64 (16K exps per (chunk, head) against ~106K in chunk_intra). 247 registers at 8 warps.
+BT = 64 (16K exps per (chunk, head); with DIAG 1's pass 48K in all against chunk_intra's 63.5K),
+4.2 MFLOP tf32 + the solve's 6.3 (tf32x3; 2.1 with SOLVE_TF32). 247 registers at 8 warps.
 
 Both forms: DIAG 1 takes the diagonal blocks (A, P and D_a^-1) from chunk_intra_kernel run first
 with LEFT = 0 (its left products switched off: 149 registers at 2 warps, so 6 CTAs per SM instead
