@@ -89,11 +89,13 @@ def test_fwd_variants_match_naive(seed, monkeypatch, case):
         e_ref = {n: rel_rms(got[n].float(), ref[n].float()) for n in OUTS}
         for n, err in e_ref.items():
             assert err <= (tol_g if n == "g" else tol), f"{which} {opt} {n}: {err:.2e} vs naive"
-        # structural variants repeat the default's fp32 math in another order; the rounding ones
-        # (bf16 operands / bf16 h) stay within bf16's precision of it
+        # structural variants repeat the default's fp32 math in another order (16-bit outputs: a
+        # reordered sum can flip the last bit of a few elements, ~1e-4 relative RMS); the rounding
+        # ones (bf16 operands / bf16 h) stay within bf16's precision of it
         e_base = {n: rel_rms(got[n].float(), base[n].float()) for n in OUTS}
+        same = 1e-5 if dtype == torch.float32 else 1e-3
         for n, err in e_base.items():
-            assert err <= (1e-2 if _rounds(opt) else 1e-5), f"{which} {opt} {n}: {err:.2e} vs the default"
+            assert err <= (1e-2 if _rounds(opt) else same), f"{which} {opt} {n}: {err:.2e} vs the default"
         print(which, opt, f"vs naive {max(e_ref.values()):.1e}, vs default {max(e_base.values()):.1e}")
 
 
