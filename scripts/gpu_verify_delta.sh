@@ -8,6 +8,11 @@
 #   4. bench:       the delta_rule benchmark suite (--quick: T = 2K only; BENCH_FULL=1 for all T)
 #   5. sweep_fwd / sweep_bwd: every launch option of the forward / split backward kernels
 #      (not by default: STEPS="sweep_fwd" in a later call)
+# Before them, when named in STEPS (variant sweeps, then their winners, all in this copy):
+#   0a. sweep_fwd_variants / sweep_bwd_variants: scripts/sweep_delta_{fwd,bwd}_variants.py
+#   0b. apply: scripts/apply_sweep_best.py on those logs sets the winning *_BEST hooks, so the
+#       steps after it test and time the winners (commit the printed hooks by hand)
+#   e.g. STEPS="sweep_fwd_variants apply fwd_kernels gpu_tests bench" BENCH_FULL=1 TOTAL=560
 # Usage: [STEPS="fwd_kernels gpu_tests profile bench"] [TOTAL=400] bash scripts/gpu_verify_delta.sh [OUT_DIR]
 # Steps run in the order above, each under min(its own limit, what is left of TOTAL); every step
 # runs even if an earlier one failed; exit 1 if any failed. fla wheels come from $WHL_DIR, else
@@ -60,6 +65,12 @@ step() {  # step NAME SECONDS CMD...: run with a time limit, log to $out/NAME.lo
 }
 bench_quick=--quick
 [ "${BENCH_FULL:-0}" = 1 ] && bench_quick=
+for which in fwd bwd; do
+    [ -f "scripts/sweep_delta_${which}_variants.py" ] && step "sweep_${which}_variants" 300 \
+        python3 "scripts/sweep_delta_${which}_variants.py" "$out/sweep-${which}-variants"
+done
+logs=$(ls "$out"/sweep_fwd_variants.log "$out"/sweep_bwd_variants.log 2>/dev/null)
+[ -n "$logs" ] && step apply 20 python3 scripts/apply_sweep_best.py $logs
 step fwd_kernels 60 python3 scripts/check_delta_fwd_kernels.py "$out"
 step gpu_tests 150 python3 -m pytest -q -s -rs -m gpu -p no:cacheprovider \
     tests/ops/test_delta_rule.py tests/layers/test_delta_net.py

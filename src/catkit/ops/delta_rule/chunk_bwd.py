@@ -447,23 +447,28 @@ def dqkg_inter_options(BK, K, V):
     """(BKS, BV, SPLIT, AP_BF16, num_warps, num_stages[, maxnreg]) to try for
     chunk_bwd_dqkg_inter; the first that compiles runs. SPLIT 0 at 32 key channels and 8 warps:
     about 234 registers on sm_90a (K = V = 128, no spills; 64 channels spill)."""
+    return best_first(DQKG_INTER_BEST, _dqkg_inter_plain(BK, V), BK)
+
+
+def _dqkg_inter_plain(BK, V):
+    """The SPLIT 0 options (the form first verified on the GPU), widest first."""
     top = min(32, BK)
     bvs = sorted({vtile_options(V)[0]["BV"], 16}, reverse=True)
-    opts = [dict(BKS=b, BV=bv, SPLIT=0, AP_BF16=0, num_warps=w, num_stages=st) for st in _stages()
+    return [dict(BKS=b, BV=bv, SPLIT=0, AP_BF16=0, num_warps=w, num_stages=st) for st in _stages()
             for b in sorted({top, 16}, reverse=True) for bv in bvs for w in (8, 4)]
-    return best_first(DQKG_INTER_BEST, opts, BK)
 
 
 def dqkg_inter_sweep_options(BK, K, V):
     """Every (variant, launch option) scripts/sweep_delta_bwd_variants.py times, most promising
-    first (it stops at its time budget); the first is today's default. sm_90a estimates (Triton
-    3.9 ptxas, K = V = 128, bf16): SPLIT 0 32/32/8 warps 234 regs; SPLIT 1 32/32/8 166, 32/64/8
+    first (it stops at its time budget); the first is today's default, the second the plain
+    SPLIT 0 form when a measured best replaced it. sm_90a estimates (Triton 3.9 ptxas, K = V =
+    128, bf16): SPLIT 0 32/32/8 warps 234 regs; SPLIT 1 32/32/8 166, 32/64/8
     149, and 128 with 24 bytes of stack under maxnreg 128 (two programs an SM), 16/32/4 144."""
     top = min(32, BK)
     bv2 = min(64, max(16, triton.next_power_of_2(V)))
     first = dqkg_inter_options(BK, K, V)[0]
     st = first["num_stages"]
-    opts = [first]
+    opts = [first] + [o for o in _dqkg_inter_plain(BK, V)[:1] if o != first]  # today's, then the plain form
     for split, ap, b, bv, w, mx in ((1, 0, top, bv2, 8, 128), (1, 0, top, 32, 8, 0), (1, 1, top, bv2, 8, 128),
                                     (1, 1, top, 32, 8, 0), (1, 2, top, bv2, 8, 128), (0, 1, top, 32, 8, 0),
                                     (1, 0, top, bv2, 8, 0), (1, 0, 16, 32, 4, 0), (1, 1, 16, 32, 4, 0),

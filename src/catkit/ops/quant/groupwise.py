@@ -16,6 +16,7 @@ import torch
 from catkit.ops.quant import naive
 from catkit.ops.quant.layout import QTensor, QuantLayout, check_quant_args, row_length
 from catkit.utils.device import check_tensor
+from catkit.utils.fast_launch import BoundLaunch
 from catkit.utils.triton_utils import autotune, kernel_device_ok, triton_available
 
 if triton_available():
@@ -324,13 +325,12 @@ def _bind(tuned, units: int, G: int, args: tuple, const: dict, config):
     ``config`` = (values per program, warps) launches that tile directly (tests, the sweep).
     Otherwise the first call goes through the autotuner (which tunes once per size bucket for the
     whole process) and then re-binds to the JIT kernel with the chosen config and a fixed grid, so
-    every later call costs exactly what the old fixed-tile launch cost: no autotuner key building
-    or cache lookup per call (the all-reduce's plan relies on cheap launches).
+    every later call is a ``BoundLaunch``: no autotuner key building or cache lookup per call,
+    and no argument binding once its replay is on (the all-reduce's plan relies on cheap launches).
     """
     def fixed(cfg):
-        kw = {**const, **cfg.all_kwargs()}
-        kernel = tuned.fn[(triton.cdiv(units, cfg.kwargs["VALS"] // G),)]
-        return lambda *lead: kernel(*lead, *args, **kw)
+        return BoundLaunch(tuned.fn, (triton.cdiv(units, cfg.kwargs["VALS"] // G),), args,
+                           {**const, **cfg.all_kwargs()})
 
     if config is not None:
         return fixed(_config(*config))
