@@ -32,8 +32,10 @@ if SMALL and not torch.cuda.is_available():
 import torch.nn.functional as F  # noqa: E402
 import triton  # noqa: E402
 
+from catkit.bench.registry import time_cuda  # noqa: E402
 import catkit.ops.delta_rule.chunk_fwd as cf  # noqa: E402
 from catkit.ops.delta_rule.chunk import prepare_chunks  # noqa: E402
+from catkit.utils.testing import rel_rms  # noqa: E402
 from catkit.utils.triton_utils import interpreted  # noqa: E402
 
 BT, BC = 64, 16
@@ -117,30 +119,14 @@ def reference(q, k, g, cu):
     return out, mask
 
 
-def rel(a, b):
-    a, b = a.double(), b.double()
-    return float((a - b).pow(2).mean().sqrt() / b.pow(2).mean().sqrt().clamp_min(1e-30))
-
-
 def errors(got, ref, mask):
     """Max relative RMS over A, P, Tm on the written entries (inf if any is not finite)."""
-    worst = 0.0
-    for name, x in zip(("A", "P", "Tm"), got):
-        m = mask[name]
-        v = x[m]
-        worst = max(worst, rel(v, ref[name][m]) if torch.isfinite(v).all() else float("inf"))
-    return worst
+    return max(rel_rms(x[mask[name]], ref[name][mask[name]]) for name, x in zip(("A", "P", "Tm"), got))
 
 
 def bench(fn):
-    if DEV == "cuda":
-        return float(triton.testing.do_bench(fn, warmup=10, rep=40, return_mode="median"))
-    ts = []
-    for _ in range(3):
-        t = time.perf_counter()
-        fn()
-        ts.append(time.perf_counter() - t)
-    return 1e3 * sorted(ts)[1]
+    # CUDA events (do_bench median) on a GPU; on the CPU (interpreter) a 1 + 3-call wall clock
+    return time_cuda(fn, warmup=1, rep=3)
 
 
 def main():

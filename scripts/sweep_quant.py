@@ -28,6 +28,7 @@ SMALL = os.environ.get("SMALL", "0") not in ("", "0")
 if SMALL and not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")  # before any @triton.jit module is imported
 
+from catkit.bench.registry import time_cuda  # noqa: E402
 from catkit.ops.quant import groupwise as gw  # noqa: E402
 from catkit.ops.quant import naive  # noqa: E402
 from catkit.ops.quant.layout import QTensor, QuantLayout, row_length, unpack_int4  # noqa: E402
@@ -44,13 +45,8 @@ def say(*a):
 
 
 def bench(fn):
-    if SMALL:
-        fn()
-        t = time.perf_counter()
-        fn()
-        return (time.perf_counter() - t) * 1e3
-    import triton.testing
-    return triton.testing.do_bench(fn, warmup=5, rep=20, return_mode="median")
+    # CUDA events (do_bench median) on a GPU; on the CPU (interpreter) a 1 + 2-call wall clock
+    return time_cuda(fn, warmup=1, rep=2)
 
 
 def same_as_naive(q: QTensor, ref: QTensor) -> tuple[bool, str]:

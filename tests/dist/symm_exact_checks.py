@@ -50,8 +50,8 @@ def gpu_job(rank, world, seed):
     # the fallback hook: with a measured range, flash_all_reduce below its threshold takes this
     # path (counted), except for an odd bf16 count (NCCL); exact either way
     sx = importlib.import_module("catkit.dist.symm_exact")
-    calls, real = [], sx.symm_exact_all_reduce
-    sx.symm_exact_all_reduce = lambda *a, **k: calls.append(1) or real(*a, **k)
+    calls, real = [], sx.symm_exact_checked
+    sx.symm_exact_checked = lambda *a, **k: calls.append(1) or real(*a, **k)
     saved = dict(far.SYMM_EXACT_FASTER)
     far.SYMM_EXACT_FASTER[world] = [(0, 1 << 20)]
     try:
@@ -67,7 +67,7 @@ def gpu_job(rank, world, seed):
     finally:
         far.SYMM_EXACT_FASTER.clear()
         far.SYMM_EXACT_FASTER.update(saved)
-        sx.symm_exact_all_reduce = real
+        sx.symm_exact_checked = real
     torch.cuda.synchronize()
     return report
 

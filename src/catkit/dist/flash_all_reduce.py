@@ -106,8 +106,12 @@ def resolve_transport(transport: str, backend: str, world: int, bits: int, gathe
         return transport
     if backend != "nccl" or not is_cuda:
         return "nccl"
-    ranges = SYMM_FASTER.get((world, bits, gather_bits), ())
-    return "symm" if any(lo <= nbytes < hi for lo, hi in ranges) else "nccl"
+    return "symm" if _in_ranges(SYMM_FASTER.get((world, bits, gather_bits), ()), nbytes) else "nccl"
+
+
+def _in_ranges(ranges, nbytes: int) -> bool:
+    """Whether ``nbytes`` lies in one of the measured half-open byte ranges [lo, hi)."""
+    return any(lo <= nbytes < hi for lo, hi in ranges)
 
 
 @dataclass
@@ -401,11 +405,11 @@ def _exact_fallback(x, group, world: int, backend: str, nbytes: int, inplace: bo
     own latency is the bar), over one symmetric-memory kernel where that was measured faster
     (``SYMM_EXACT_FASTER``), else ``dist.all_reduce``."""
     grad = x.requires_grad and torch.is_grad_enabled()
-    if not grad and backend == "nccl" and any(lo <= nbytes < hi for lo, hi in SYMM_EXACT_FASTER.get(world, ())):
+    if not grad and backend == "nccl" and _in_ranges(SYMM_EXACT_FASTER.get(world, ()), nbytes):
         from catkit.dist import symm_exact  # CUDA-only, loaded on first use
 
         if symm_exact.usable(x, world):  # same answer on every rank: dtype, size and world only
-            return symm_exact.symm_exact_all_reduce(x, group, inplace=inplace)
+            return symm_exact.symm_exact_checked(x, group, inplace)
     if inplace:
         dist.all_reduce(x, group=group)
         return x
@@ -487,10 +491,10 @@ def flash_all_reduce(
     # "auto" with sliced messages asked for stays on the NCCL path (the only one that slices)
     if (chunks in (None, 1) and (min_bytes is None or nbytes >= min_bytes)
             and resolve_transport(transport, backend, world, bits, gather_bits, nbytes, x.is_cuda) == "symm"):
-        from catkit.dist.symm_all_reduce import symm_all_reduce  # CUDA-only module, loaded on first use
+        from catkit.dist.symm_all_reduce import symm_all_reduce_checked  # CUDA-only, loaded on first use
 
-        return symm_all_reduce(x, group, bits=bits, gather_bits=gather_bits, group_size=group_size,
-                               spike_reserve=spike_reserve, meta_dtype=meta_dtype, inplace=inplace)
+        return symm_all_reduce_checked(x, group, world, bits, gather_bits, group_size, spike_reserve, meta_dtype,
+                                       inplace)
     if min_bytes is None:
         threshold = fallback_bytes(backend, world, bits)
     else:

@@ -432,6 +432,14 @@ def symm_all_reduce(
     world = dist.get_world_size(group)
     if world == 1 or x.numel() == 0:
         return x if inplace else x.clone()
+    return symm_all_reduce_checked(x, group, world, bits, gather_bits, group_size, spike_reserve, meta_dtype,
+                                   inplace)
+
+
+def symm_all_reduce_checked(x, group, world: int, bits: int, gather_bits: int, group_size: int,
+                            spike_reserve: bool, meta_dtype: torch.dtype, inplace: bool) -> torch.Tensor:
+    """``symm_all_reduce`` after the arguments every transport shares were checked (what
+    ``flash_all_reduce`` has done when it picks this path): ``world >= 2``, ``x`` not empty."""
     if not x.is_cuda:
         raise ValueError(f"x: the symmetric-memory transport needs a CUDA tensor, got one on {x.device} "
                          "(use transport='nccl')")

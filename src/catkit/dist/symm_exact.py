@@ -21,6 +21,8 @@ bit NCCL's result.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.distributed as dist
 
@@ -31,7 +33,9 @@ MAX_BYTES = 8 << 20  # the buffer per (group, device): the measured wins lie far
 _BUFFERS: dict = {}
 
 
+@functools.lru_cache(maxsize=None)
 def _op():
+    """torch's one-shot op, or None where this torch lacks it (looked up once)."""
     return getattr(getattr(torch.ops, "symm_mem", None), "one_shot_all_reduce_copy_out", None)
 
 
@@ -74,6 +78,12 @@ def symm_exact_all_reduce(x: torch.Tensor, group=None, *, inplace: bool = False)
         raise ValueError(f"x: the one-shot symmetric all-reduce needs a CUDA fp32/bf16 tensor of at most {MAX_BYTES} "
                          f"bytes on 2..8 ranks with torch symmetric memory; got {x.dtype} {tuple(x.shape)} on "
                          f"{x.device}, world {world}")
+    return symm_exact_checked(x, group, inplace)
+
+
+def symm_exact_checked(x: torch.Tensor, group, inplace: bool) -> torch.Tensor:
+    """``symm_exact_all_reduce`` once ``usable(x, world)`` has said yes (``flash_all_reduce``'s
+    fallback asks it first: the small messages this serves are latency bound)."""
     buf, name = _buffer(group, x.device)
     direct = x.is_contiguous() and x.data_ptr() % 16 == 0  # the op's vector width is 16 bytes
     src = x.view(-1) if direct else x.clone(memory_format=torch.contiguous_format).view(-1)  # fresh: aligned
