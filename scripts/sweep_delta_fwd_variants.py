@@ -13,7 +13,7 @@ BUDGET_S (default 150): stop starting new options past this many seconds (skippe
 ONLY (e.g. ONLY=intra): a comma-separated subset of the kernels state, prep, o, tsolve, intra.
 
 For every option (the first rows of each kernel are today's defaults, the GPU-verified baseline):
-  * time: the kernel alone (triton.testing.do_bench median; ``intra``: chunk_intra + chunk_tsolve for
+  * time: the kernel alone (catkit.bench.registry.time_cuda median; ``intra``: chunk_intra + chunk_tsolve for
     the default, the variant's one or two launches otherwise, both through chunk_fwd_intra.intra_solve)
     at B*T = 32K tokens (T = 2048, B = 16 and T = 32768, B = 1, packed as equal-length sequences),
     H = 16, K = V = 128, bf16, on the inputs the real fg2 forward hands it (captured from chunk_fwd's
@@ -51,6 +51,7 @@ import triton  # noqa: E402
 import catkit.ops.delta_rule.chunk_fwd as cf  # noqa: E402
 import catkit.ops.delta_rule.chunk_fwd_intra as ci  # noqa: E402
 import catkit.ops.delta_rule.chunk_fwd_state as cs  # noqa: E402
+from catkit.bench.registry import time_cuda  # noqa: E402
 from catkit.ops.delta_rule import chunk_fg2_delta_rule  # noqa: E402
 from catkit.ops.delta_rule.naive import naive_fg2_delta_rule  # noqa: E402
 from catkit.utils.testing import rel_rms  # noqa: E402
@@ -143,17 +144,6 @@ def capture(x, cu):
     return seen
 
 
-def bench(fn):
-    if DEV == "cuda":
-        return float(triton.testing.do_bench(fn, warmup=5, rep=25, return_mode="median"))
-    ts = []
-    for _ in range(3):
-        t = time.perf_counter()
-        fn()
-        ts.append(time.perf_counter() - t)
-    return 1e3 * sorted(ts)[1]
-
-
 def option_lists():
     NHs = [B * H for _, B in SHAPES]
     lists = dict(state=cs.state_sweep_options(D, NHs, torch.device(DEV)), prep=cf.prep_sweep_options(D, D),
@@ -237,7 +227,7 @@ def run_option(which, opt, timing, ref_all):
                 es = [rel_rms(a.float(), b.float()) for a, b in zip(outs, ref[which])]
             row[f"err_vs_default_T{T}"] = es
             err = max(err, max(es) / BOUND_DEFAULT[rounds(opt)])
-            row["ms"][f"T{T}"] = bench(call)
+            row["ms"][f"T{T}"] = time_cuda(call)
         finally:
             for o, r in zip(outs, ref[which]):  # later kernels read these
                 o.copy_(r)
@@ -280,8 +270,8 @@ def pipeline(best, checks):
                 def fwd():
                     with torch.no_grad():
                         chunk_fg2_delta_rule(xx["q"], xx["k"], xx["v"], xx["g"], xx["bk"], cu_seqlens=cc)
-                out[f"{label}_fwd_T{T}"] = bench(fwd)
-                out[f"{label}_fwdbwd_T{T}"] = bench(lambda: fwd_bwd(chunk_fg2_delta_rule, xx, cc, dd, hh))
+                out[f"{label}_fwd_T{T}"] = time_cuda(fwd)
+                out[f"{label}_fwdbwd_T{T}"] = time_cuda(lambda: fwd_bwd(chunk_fg2_delta_rule, xx, cc, dd, hh))
             errs = []
             for xc, cuc, doc, dhtc, ref64, bound in checks:
                 got = fwd_bwd(chunk_fg2_delta_rule, xc, cuc, doc, dhtc)
@@ -316,9 +306,9 @@ def main():
             if which not in ONLY:
                 continue
             if which == "intra":  # chunk_intra + chunk_tsolve (rewrites P and T with the same values)
-                default_ms[which, T] = bench(intra_call(seen, first))
+                default_ms[which, T] = time_cuda(intra_call(seen, first))
                 continue
-            default_ms[which, T] = bench(lambda: kernel[grid_fn(first)](*args, **consts, **first))
+            default_ms[which, T] = time_cuda(lambda: kernel[grid_fn(first)](*args, **consts, **first))
             if which == "tsolve":  # timing ran it again on its own output: same T (idempotent)
                 args[1].copy_(ref[which][0])
         ref["h"] = ref["state"][1]
