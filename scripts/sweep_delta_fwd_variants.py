@@ -11,6 +11,10 @@ Usage (GPU): PYTHONUNBUFFERED=1 PYTHONPATH=src python3 scripts/sweep_delta_fwd_v
               option compiled for sm_90a by the installed Triton, via scripts/sm90_regs_delta.py)
 BUDGET_S (default 150): stop starting new options past this many seconds (skipped ones are listed).
 ONLY (e.g. ONLY=intra): a comma-separated subset of the kernels state, prep, o, tsolve, intra.
+A CUDA error (an option that miscompiles into an illegal access) poisons the process: the sweep
+records that option as failed and exits with status 3; RESUME=1 then starts a fresh process that
+keeps OUT_DIR/sweep-fwd.json's rows and runs only the options not tried yet, e.g.
+    until RESUME=$r python3 scripts/sweep_delta_fwd_variants.py OUT; [ $? -ne 3 ]; do r=1; done
 
 For every option (the first rows of each kernel are today's defaults, the GPU-verified baseline):
   * time: the kernel alone (catkit.bench.registry.time_cuda median; ``intra``: chunk_intra + chunk_tsolve for
@@ -332,9 +336,15 @@ def main():
           + f"; inputs and references ready in {time.time() - t_start:.1f}s", flush=True)
 
     rows = []
+    done = []  # RESUME: the rows of the earlier runs, kept; their options are not run again
+    path = os.path.join(out_dir, "sweep-fwd.json")
+    if os.environ.get("RESUME") == "1" and os.path.exists(path):
+        with open(path) as f:
+            done = [r for r in json.load(f)["rows"] if "skipped" not in r.get("error", "")]
+        print(f"RESUME: {len(done)} rows kept from {path}", flush=True)
 
     def dump():
-        with open(os.path.join(out_dir, "sweep-fwd.json"), "w") as f:
+        with open(path, "w") as f:
             json.dump(dict(device=dev_name, triton=triton.__version__, H=H, K=D, V=D, shapes=SHAPES,
                            default_ms={f"{w}@T{T}": v for (w, T), v in default_ms.items()}, rows=rows), f, indent=1)
 
@@ -343,8 +353,11 @@ def main():
     order = [(which, i, opts[i]) for i in range(max(map(len, lists.values())))
              for which, opts in lists.items() if i < len(opts)]
     for which, i, opt in order:
-        row = dict(kernel=which, option=dict(opt))
+        prev = [r for r in done if r["kernel"] == which and r["option"] == opt]
+        row = prev[0] if prev else dict(kernel=which, option=dict(opt))
         rows.append(row)
+        if prev:
+            continue
         if time.time() - t_start > BUDGET_S and i > 0:
             row.update(ok=False, error="skipped: time budget")
             print(which, opt, "skipped (BUDGET_S)", flush=True)
@@ -359,6 +372,10 @@ def main():
             row["max_err_over_bound"] = err
         except Exception as ex:  # noqa: BLE001 - out of resources / compile error: record, go on
             row.update(ok=False, error=f"{type(ex).__name__}: {str(ex)[:300]}")
+            if "CUDA error" in str(ex):  # the context is gone: every later option would fail too
+                dump()
+                print(f"{which:6s} {opt} CUDA_ERROR {str(ex)[:120]}; rerun with RESUME=1", flush=True)
+                sys.exit(3)
         dump()
         ms = " ".join(f"{n}={v:.3f}ms" for n, v in row.get("ms", {}).items())
         dflt = "/".join(f"{max(row[k]):.0e}" for k in row if k.startswith("err_vs_default"))

@@ -199,19 +199,21 @@ def state_sweep_options(V, NHs, dev):
         if o not in opts:
             opts.append(o)
     st = opts[0]["num_stages"]
-    # (BV, num_warps, PREFETCH, STATE_BF16, KSPLIT, H_BF16)
-    for b, w, p, sb, ks, hb in ((32, 8, 0, 1, 1, 1), (16, 4, 1, 1, 1, 1), (32, 4, 0, 1, 1, 1), (64, 4, 0, 1, 2, 1),
-                                (32, 8, 0, 0, 1, 1), (16, 4, 1, 0, 1, 1), (32, 4, 0, 1, 2, 1), (16, 4, 1, 1, 2, 1),
-                                (64, 8, 0, 1, 2, 1), (32, 4, 1, 1, 2, 1), (32, 4, 0, 0, 2, 1), (64, 8, 0, 0, 2, 1),
-                                (32, 8, 0, 1, 1, 0), (16, 4, 1, 1, 1, 0), (64, 4, 0, 1, 1, 1), (32, 8, 0, 1, 2, 1)):
-        o = dict(BV=bv(b), num_warps=w, num_stages=st, PREFETCH=bool(p), STATE_BF16=sb, KSPLIT=ks, H_BF16=hb)
-        if o not in opts:
-            opts.append(o)
-    # last (a miscompile would cost the options after it): Triton's software pipelining of the
-    # chunk loop (its loads do not depend on S) instead of the manual PREFETCH; depth 2
-    # miscompiled the bf16 backward on an H200 (see PIPELINE_STAGES), the sweep checks every option
-    for b, w in ((32, 8), (32, 4), (16, 4)):
-        o = dict(BV=bv(b), num_warps=w, num_stages=2, PREFETCH=False, STATE_BF16=1, KSPLIT=1, H_BF16=1)
+    # (BV, num_warps, num_stages, PREFETCH, STATE_BF16, KSPLIT, H_BF16), ordered so that what may
+    # miscompile runs last: a CUDA error ends the sweep's process (it resumes with RESUME=1, but the
+    # device call may not have the time). First the fp32-operand products on a bf16 h (chunk_fwd_o
+    # on a bf16 h measured correct on an H100); then bf16 products at 2 and 4 warps with the state
+    # as two K/2 halves, fla's form for its own state pass; the pipelined loop (num_stages 2)
+    # instead of the manual PREFETCH; last 8 warps with bf16 products, whose first option
+    # (BV 32, KSPLIT 1, H_BF16) made an illegal memory access on an H100 (Triton 3.6).
+    for b, w, ns, p, sb, ks, hb in (
+            (32, 8, st, 0, 0, 1, 1), (16, 4, st, 1, 0, 1, 1), (32, 4, st, 0, 0, 2, 1), (64, 8, st, 0, 0, 2, 1),
+            (64, 4, st, 0, 1, 2, 1), (32, 4, st, 0, 1, 2, 1), (32, 2, st, 0, 1, 2, 1), (64, 2, st, 0, 1, 2, 1),
+            (32, 4, st, 0, 1, 1, 1), (16, 4, st, 1, 1, 1, 1), (16, 4, st, 1, 1, 2, 1), (32, 4, st, 1, 1, 2, 1),
+            (16, 2, st, 1, 1, 1, 1), (32, 4, 2, 0, 1, 2, 1), (64, 4, 2, 0, 1, 2, 1), (32, 2, 2, 0, 1, 2, 1),
+            (16, 4, 2, 0, 1, 1, 1), (32, 8, st, 0, 1, 1, 1), (64, 8, st, 0, 1, 2, 1), (32, 8, st, 0, 1, 2, 1),
+            (32, 8, st, 0, 1, 1, 0), (64, 4, st, 0, 1, 1, 1)):
+        o = dict(BV=bv(b), num_warps=w, num_stages=ns, PREFETCH=bool(p), STATE_BF16=sb, KSPLIT=ks, H_BF16=hb)
         if o not in opts:
             opts.append(o)
     return opts
