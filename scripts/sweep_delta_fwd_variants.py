@@ -129,9 +129,12 @@ def fwd_bwd(fn, x, cu, do, dht):
 
 
 def capture(x, cu):
-    """Run the fg2 forward once with the default options; return chunk_fwd's launches (kernel,
-    grid_fn, args, consts, first option) by name, and tsolve's Tm on entry (it works in place)."""
-    seen, orig = {}, cf.launch
+    """Run the fg2 forward once with the options it ships with; return chunk_fwd's launches (kernel,
+    grid_fn, args, consts, first option) by name, and tsolve's Tm on entry (it works in place).
+    INTRA_BEST is off here, so that chunk_intra and chunk_tsolve both launch (a FUSED winner
+    replaces them; it is timed again as the intra list's first option, against that pair)."""
+    seen, orig, intra_best = {}, cf.launch, cf.INTRA_BEST
+    cf.INTRA_BEST = None
 
     def rec(kernel, grid_fn, args, consts, options):
         seen[kernel.fn.__name__] = (kernel, grid_fn, args, consts, dict(options[0]))
@@ -144,7 +147,7 @@ def capture(x, cu):
         with torch.no_grad():
             chunk_fg2_delta_rule(x["q"], x["k"], x["v"], x["g"], x["bk"], cu_seqlens=cu, output_final_state=True)
     finally:
-        cf.launch = orig
+        cf.launch, cf.INTRA_BEST = orig, intra_best
     return seen
 
 
