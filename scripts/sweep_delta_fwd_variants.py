@@ -270,7 +270,8 @@ def pipeline(best, checks):
     out = {}
     for label, apply in (("default", False), ("best", True)):
         for k, (m, a) in hooks.items():
-            setattr(m, a, best.get(k) if apply else old[k])
+            # a hook the sweep picked nothing for (not swept, or no winner) keeps what ships
+            setattr(m, a, (best.get(k) or old[k]) if apply else old[k])
         cf._CHOSEN.clear()
         try:
             for (T, B), (xx, cc, dd, hh) in zip(SHAPES, ((x, cu, do, dht), (x32, cu32, do32, dht32))):

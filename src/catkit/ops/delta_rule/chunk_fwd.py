@@ -495,6 +495,7 @@ def intra_sweep_options(BK, K):
     for f, d, b, w, db, dw, tf, mx, dmx in (
             (1, 1, 32, 2, 32, 2, 0, 0, 0), (1, 1, 32, 2, 32, 2, 1, 0, 0), (1, 1, 16, 2, 16, 2, 0, 0, 0),
             (1, 1, 16, 2, 16, 2, 1, 0, 0), (1, 1, 32, 2, 32, 2, 0, 0, 128), (1, 1, 32, 2, 16, 2, 0, 0, 0),
+            (1, 1, 32, 2, 16, 2, 0, 0, 128), (1, 1, 32, 2, 16, 2, 1, 0, 128), (1, 1, 16, 2, 16, 2, 1, 0, 128),
             (2, 1, 32, 8, 32, 2, 0, 0, 0), (2, 1, 32, 8, 32, 2, 1, 0, 0), (1, 1, 32, 4, 32, 2, 0, 0, 0),
             (2, 1, 16, 8, 16, 2, 1, 0, 0), (2, 1, 16, 8, 16, 2, 1, 128, 0), (1, 1, 32, 4, 32, 2, 1, 0, 0),
             (2, 1, 32, 8, 32, 2, 1, 128, 128), (2, 1, 32, 4, 32, 2, 0, 0, 0), (1, 1, 16, 4, 16, 2, 0, 0, 0),
@@ -521,13 +522,16 @@ def intra_sweep_options(BK, K):
 # Fastest correct options of scripts/sweep_delta_fwd_variants.py (its BEST_FWD_OPTION lines), tried
 # before the GPU-verified defaults (STATE_BEST / STATE_BEST_FEW live in chunk_fwd_state.py); None
 # keeps the default first.
-# Measured on an H100 (Triton 3.6, 2 x 32K tokens, H = 16, K = V = 128, bf16): NSB 4 / PREP_BF16
-# 0.62 ms vs 0.85 (default BKS 32, 4 warps); the fused intra + solve below 1.30 vs 1.57 ms.
-PREP_BEST = dict(BKS=32, num_warps=4, num_stages=1, NSB=4, PREP_BF16=1)
-O_BEST = None
+# Measured on an H100 (Triton 3.6, bf16, H = 16, K = V = 128, 16 x 2048 and 1 x 32768 tokens;
+# scripts/sweep_delta_fwd_variants.py, ms at the two shapes): chunk_prep BKS 64 / NSB 2 /
+# PREP_BF16 / 8 warps 0.53 / 0.54 (default BKS 32 / 4 warps 0.85 / 0.85); chunk_fwd_o BV 64 /
+# 4 warps 0.35 on an fp32 h, 0.27 on a bf16 one (default BV 32 / 8 warps 0.42, 0.36); the fused
+# intra + solve below 1.13 / 1.13 (chunk_intra + chunk_tsolve 1.57 / 1.57).
+PREP_BEST = dict(BKS=64, num_warps=8, num_stages=1, NSB=2, PREP_BF16=1)
+O_BEST = dict(BV=64, num_warps=4, num_stages=1)
 TSOLVE_BEST = None
 # chunk_intra + chunk_tsolve (an option with FUSED = 1 replaces both, see chunk_fwd_intra.py)
-INTRA_BEST = dict(FUSED=1, DIAG=1, BKS=32, NK=4, FAST_EXP=True, num_warps=2, num_stages=1, DBKS=32, DW=2)
+INTRA_BEST = dict(FUSED=1, DIAG=1, BKS=32, NK=4, FAST_EXP=True, num_warps=2, num_stages=1, DBKS=16, DW=2)
 
 
 def for_inputs(opts, dtype, BK):

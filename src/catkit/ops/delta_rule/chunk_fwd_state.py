@@ -159,8 +159,14 @@ STATE_PREFETCH = True
 # Fastest correct options of scripts/sweep_delta_fwd_variants.py (its BEST_FWD_OPTION lines), tried
 # before the GPU-verified defaults: STATE_BEST where the grid fills the card (N H V / BV >= SMs,
 # e.g. 16 x 2048 tokens), STATE_BEST_FEW where it does not (e.g. 1 x 32768). None keeps the default.
-STATE_BEST = None
-STATE_BEST_FEW = None
+# Measured on an H100 (Triton 3.6, bf16, H = 16, K = V = 128): at 16 x 2048 tokens bf16 products
+# at BV 64 / 4 warps 0.37 ms vs 0.87 (default BV 32 / 8 warps, fp32 operands); at 1 x 32768 (32 to
+# 128 programs) BV 16 / 4 warps on a bf16 h 1.03 vs 1.10. Several other bf16-product tilings (BV 16
+# and 32 at 4 warps, BV 32 at 8 warps with KSPLIT 1) made illegal memory accesses there: a Triton
+# 3.6 miscompile of this kernel, not reproduced at BV 64 (the sweep's fp64 checks on odd-length
+# packed sequences, the gpu tests).
+STATE_BEST = dict(BV=64, num_warps=4, num_stages=1, PREFETCH=False, STATE_BF16=1, KSPLIT=1, H_BF16=1)
+STATE_BEST_FEW = dict(BV=16, num_warps=4, num_stages=1, PREFETCH=True, STATE_BF16=0, KSPLIT=1, H_BF16=1)
 
 
 def state_options(V, NH, dev):
