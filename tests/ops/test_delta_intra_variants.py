@@ -16,7 +16,7 @@ from catkit.ops.delta_rule.chunk import prepare_chunks
 from catkit.ops.delta_rule.naive import naive_fg2_delta_rule
 from catkit.utils.testing import rel_rms
 
-from test_delta_fwd_variants import CASES, OUTS, _inputs, _run
+from test_delta_fwd_variants import CASES, OUTS, _inputs, _plain_defaults, _run  # noqa: F401 (autouse fixture)
 
 # a masked lane whose exp overflows would mean a kernel formed exp(G_i) * exp(-G_j) somewhere
 pytestmark = pytest.mark.filterwarnings("error::RuntimeWarning")
