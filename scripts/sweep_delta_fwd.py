@@ -6,7 +6,8 @@ chunk_fwd_o prints the fg2 forward do_bench median at B*T = 32K, H = 16, K = V =
 T = 2048,32768: the state pass has few programs at 32K), the kernel's registers/spills, and the
 relative RMS of o against the default options (same inputs). Writes OUT_DIR/sweep-delta_fwd.json.
 The fastest correct option belongs first in ``intra_options`` / ``prep_options`` /
-``vtile_options`` (chunk_fwd.py), or STATE_PREFETCH flipped.
+``vtile_options`` (chunk_fwd.py), or STATE_PREFETCH (chunk_fwd_state.py) flipped; the variants
+behind constexpr switches are timed by sweep_delta_fwd_variants.py.
 """
 import json
 import os

@@ -30,6 +30,8 @@ import triton.language as tl
 
 from catkit.ops.delta_rule.chunk_fwd import (_mm, _seq_bounds, _stages, kblock_options, launch, precisions,
                                              vtile_options)
+# one bf16-rounding product helper and one hook-ordering helper for the forward and the backward
+from catkit.ops.delta_rule.chunk_fwd_state import _mm_rnd, best_first
 
 
 @triton.jit
@@ -144,20 +146,6 @@ def chunk_bwd_dap_kernel(k, v, G, Tm, vn, h, do, dvn, dv, dA, dP, chunk_indices,
 
 
 @triton.jit
-def _mmr(a, b, RND: tl.constexpr, NATIVE: tl.constexpr, DOT_PREC: tl.constexpr):
-    # RND: bf16 operands, fp32 accumulation (native bf16 tensor-core products; the CPU
-    # interpreter, whose bf16 dot is wrong, gets the same rounding through exact fp32 products).
-    if RND:
-        if NATIVE:
-            return tl.dot(a.to(tl.bfloat16), b.to(tl.bfloat16))
-        else:
-            return tl.dot(a.to(tl.bfloat16).to(tl.float32), b.to(tl.bfloat16).to(tl.float32),
-                          input_precision="ieee")
-    else:
-        return tl.dot(a, b, input_precision=DOT_PREC)
-
-
-@triton.jit
 def chunk_bwd_dqkg_inter_kernel(q, k, G, Tm, vn, h, dh, do, dvn, dA, dP, dq0, dk0, dg,
                                 chunk_indices, cu_seqlens, scale,
                                 H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr,
@@ -268,10 +256,10 @@ def chunk_bwd_dqkg_inter_kernel(q, k, G, Tm, vn, h, dh, do, dvn, dA, dP, dq0, dk
                 mcb = ((rb > b) & valid)[:, None] & (c16 < BC)[None, :]
                 offra = (tb + BC)[None, :] * (H * BT) + i_h * BT + rows[:, None]
                 mra = (rb <= b)[:, None] & ((tb + BC) < eos)[None, :]
-                b_dQ += F * _mmr(tl.load(dP + offcb, mask=mcb, other=0.0), kr_b, RP, OP_BF16, DOT_PREC)
-                u = F * _mmr(tl.load(dA + offcb, mask=mcb, other=0.0), kr_b, RA, OP_BF16, DOT_PREC)
-                u_j = E * (_mmr(tl.load(dP + offra, mask=mra, other=0.0), qF_a, RP, OP_BF16, DOT_PREC)
-                           + _mmr(tl.load(dA + offra, mask=mra, other=0.0), kF_a, RA, OP_BF16, DOT_PREC))
+                b_dQ += F * _mm_rnd(tl.load(dP + offcb, mask=mcb, other=0.0), kr_b, RP, OP_BF16, DOT_PREC)
+                u = F * _mm_rnd(tl.load(dA + offcb, mask=mcb, other=0.0), kr_b, RA, OP_BF16, DOT_PREC)
+                u_j = E * (_mm_rnd(tl.load(dP + offra, mask=mra, other=0.0), qF_a, RP, OP_BF16, DOT_PREC)
+                           + _mm_rnd(tl.load(dA + offra, mask=mra, other=0.0), kF_a, RA, OP_BF16, DOT_PREC))
                 acc_dk += u + u_j
                 acc_x += u - u_j
         else:
@@ -285,10 +273,10 @@ def chunk_bwd_dqkg_inter_kernel(q, k, G, Tm, vn, h, dh, do, dvn, dA, dP, dq0, dk
                 e = tl.exp(tl.where(lm, b_G - G_r[None, :], tl.where(rm, G_r[None, :] - b_G, 0.0)))
                 F = tl.where(lm, e, 0.0)
                 b_kr = tl.where(rm, b_k * e, 0.0)
-                b_dQ += F * _mmr(b_dP, b_kr, RP, OP_BF16, DOT_PREC)
-                u = F * _mmr(b_dA, b_kr, RA, OP_BF16, DOT_PREC)
-                u_j = tl.where(rm, e, 0.0) * (_mmr(tl.trans(b_dP), b_q * F, RP, OP_BF16, DOT_PREC)
-                                              + _mmr(tl.trans(b_dA), b_k * F, RA, OP_BF16, DOT_PREC))
+                b_dQ += F * _mm_rnd(b_dP, b_kr, RP, OP_BF16, DOT_PREC)
+                u = F * _mm_rnd(b_dA, b_kr, RA, OP_BF16, DOT_PREC)
+                u_j = tl.where(rm, e, 0.0) * (_mm_rnd(tl.trans(b_dP), b_q * F, RP, OP_BF16, DOT_PREC)
+                                              + _mm_rnd(tl.trans(b_dA), b_k * F, RA, OP_BF16, DOT_PREC))
                 acc_dk += u + u_j
                 acc_x += u - u_j
     b_dG = b_q * b_dQ + b_k * acc_x
@@ -455,18 +443,11 @@ DQKG_INTRA_BEST = None
 DAP_BEST = {'BV': 32, 'num_warps': 4, 'num_stages': 1}
 
 
-def _best_first(best, opts, BK=None):
-    # a best option wider than this call's key block would only mask channels: keep the defaults
-    if best is None or (BK is not None and best.get("BKS", 0) > BK):
-        return opts
-    return [dict(best)] + [o for o in opts if o != best]
-
-
 def dqkg_inter_options(BK, K, V):
     """(BKS, BV, SPLIT, AP_BF16, num_warps, num_stages[, maxnreg]) to try for
     chunk_bwd_dqkg_inter; the first that compiles runs. SPLIT 0 at 32 key channels and 8 warps:
     about 234 registers on sm_90a (K = V = 128, no spills; 64 channels spill)."""
-    return _best_first(DQKG_INTER_BEST, _dqkg_inter_plain(BK, V), BK)
+    return best_first(DQKG_INTER_BEST, _dqkg_inter_plain(BK, V), BK)
 
 
 def _dqkg_inter_plain(BK, V):
@@ -507,7 +488,7 @@ def dqkg_intra_options(BK, K):
             for b in sorted({min(32, BK), 16}, reverse=True) for w in (8, 4)]
     if BK >= 64:
         opts += [dict(BKS=64, DIAG=0, num_warps=8, num_stages=st) for st in _stages()]
-    return _best_first(DQKG_INTRA_BEST, opts, BK)
+    return best_first(DQKG_INTRA_BEST, opts, BK)
 
 
 def dqkg_intra_sweep_options(BK, K):
@@ -528,7 +509,7 @@ def dqkg_intra_sweep_options(BK, K):
 def dap_options(V):
     """(BV, num_warps, num_stages) to try for chunk_bwd_dap (its [BT, BT] dT, dP and T tiles:
     about 201 registers at BV = 32, 8 warps)."""
-    return _best_first(DAP_BEST, vtile_options(V))
+    return best_first(DAP_BEST, vtile_options(V))
 
 
 def chunk_bwd(q, k, v, saved, do, dht, scale, meta, need_dh0):
