@@ -15,10 +15,10 @@ from catkit.ops.delta_rule.chunk import prepare_chunks
 from catkit.ops.delta_rule.naive import naive_fg2_delta_rule
 from catkit.utils.testing import rel_rms
 
+from delta_variant_cases import OUTS, fwd_bwd as _run, make_inputs as _inputs
+
 # a masked lane whose exp overflows would mean a kernel formed exp(G_i) * exp(-G_j) somewhere
 pytestmark = pytest.mark.filterwarnings("error::RuntimeWarning")
-NAMES = ("q", "k", "v", "g", "bk", "bv", "s0")
-OUTS = ("o", "ht") + NAMES
 
 
 @pytest.fixture(autouse=True)
@@ -28,32 +28,6 @@ def _plain_defaults(monkeypatch):
     for mod, name in ((cs, "STATE_BEST"), (cs, "STATE_BEST_FEW"), (cf, "PREP_BEST"), (cf, "O_BEST"),
                       (cf, "TSOLVE_BEST"), (cf, "INTRA_BEST")):
         monkeypatch.setattr(mod, name, None)
-
-
-def _inputs(lens, H, K, V, dtype, decay):
-    n = sum(lens)
-    q = F.normalize(torch.randn(1, n, H, K), dim=-1)
-    k = F.normalize(torch.randn(1, n, H, K), dim=-1)
-    x = dict(q=q, k=k, v=torch.randn(1, n, H, V), g=F.logsigmoid(torch.randn(1, n, H, K) + 1.0) * decay,
-             bk=torch.sigmoid(torch.randn(1, n, H, K)).clamp_min(1e-3),
-             bv=torch.sigmoid(torch.randn(1, n, H, V)).clamp_min(1e-3), s0=torch.randn(len(lens), H, K, V))
-    x = {n_: (t if n_ in ("g", "s0") else t.to(dtype)) for n_, t in x.items()}
-    cu = torch.tensor([0] + torch.tensor(lens).cumsum(0).tolist(), dtype=torch.int32)
-    return x, cu
-
-
-def _run(fn, x, cu, **kw):
-    """o, final state and the gradients of a random projection of both, as a dict."""
-    xs = {n: x[n].detach().clone().requires_grad_() for n in NAMES}
-    if fn is naive_fg2_delta_rule:
-        xs.update({n: xs[n].detach().float().requires_grad_() for n in ("q", "k", "v", "bk", "bv")})
-    o, s = fn(xs["q"], xs["k"], xs["v"], xs["g"], xs["bk"], xs["bv"], initial_state=xs["s0"],
-              output_final_state=True, cu_seqlens=cu, **kw)
-    gen = torch.Generator().manual_seed(7)
-    loss = (o.float() * torch.randn(o.shape, generator=gen)).sum()
-    loss = loss + (s * torch.randn(s.shape, generator=gen)).sum()
-    grads = torch.autograd.grad(loss, [xs[n] for n in NAMES])
-    return dict(o=o.detach(), ht=s.detach(), **dict(zip(NAMES, grads)))
 
 
 # (dtype, BT, lens, K, V, decay, tolerance vs the token loop, dg's)
