@@ -80,9 +80,9 @@ def chunk_fwd_state_kernel(U, W, KD, G, vn, h, h0, ht, cu_seqlens, chunk_offsets
     # chunk_prep, and the output is chunk_fwd_o's, in parallel. The default (STATE_BF16 0) runs
     # the products on fp32 operands at DOT_PREC (tf32 for 16-bit inputs): it measured faster on
     # an H200 (Triton 3.6) than the earlier bf16 loop that also produced O (1.07 vs 1.41 ms at 32K
-    # tokens x 16 heads). A bf16-operand form once seemed to miscompile there (wrong states, then
-    # an illegal memory access); that symptom was later traced to BV = 16 tiles at 8 warps, which
-    # no STATE_BF16 sweep option uses.
+    # tokens x 16 heads). STATE_BF16 miscompiles into an illegal memory access at several tilings
+    # under Triton 3.6 (H100: BV 16 and 32 at 4 warps, BV 32 at 8 warps with KSPLIT 1), not at the
+    # BV 64 / 4 warps of STATE_BEST; the sweep runs every other tiling last (state_sweep_options).
     i_v, i_nh = tl.program_id(0), tl.program_id(1)
     i_n = i_nh // H
     i_h = i_nh % H
