@@ -32,3 +32,15 @@ def test_not_initialized_is_a_clear_error():
         pytest.skip("a process group exists in this process")
     with pytest.raises(ValueError, match="group"):
         flash_all_reduce(torch.randn(10))
+
+
+def test_fallback_threshold_lookup_most_specific_first(monkeypatch):
+    """(backend, world, bits) beats (backend, world) beats backend; unknown backends never fall back."""
+    import importlib
+
+    far = importlib.import_module("catkit.dist.flash_all_reduce")  # the module, not the function
+    monkeypatch.setattr(far, "FALLBACK_BYTES", {"nccl": 30, ("nccl", 4): 20, ("nccl", 4, 4): 10})
+    assert far.fallback_bytes("nccl", 4, 4) == 10
+    assert far.fallback_bytes("nccl", 4, 8) == 20
+    assert far.fallback_bytes("nccl", 8, 4) == 30
+    assert far.fallback_bytes("mpi", 4, 4) == 0

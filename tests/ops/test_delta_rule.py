@@ -8,6 +8,7 @@ import torch.nn.functional as F
 
 from catkit.ops.delta_rule import (chunk_fg2_delta_rule, chunk_gated_delta_rule, chunk_kda,
                                    fused_recurrent_fg2_delta_rule, fused_recurrent_gated_delta_rule)
+from catkit.ops.delta_rule import chunk_fwd as chunk_fwd_mod
 from catkit.ops.delta_rule.naive import (chunked_reference_fg2, naive_fg2_delta_rule,
                                          naive_gated_delta_rule, naive_kda,
                                          naive_one_sided_delta_rule)
@@ -50,6 +51,9 @@ def _check(name, a, b, rtol):
 @pytest.mark.parametrize("T,BT,K,decay,coupled", [(63, 32, 48, 1.0, False), (100, 64, 16, 1.0, True),
                                                    (70, 64, 16, 20.0, False)])
 def test_chunk_matches_naive_fwd_bwd(seed, T, BT, K, decay, coupled):
+    # K = 48 runs the two dq/dk/dg kernels on two key blocks each, the second half masked;
+    # decay 20 checks that no masked lane of their exp overflows (RuntimeWarning is an error)
+    chunk_fwd_mod.COMPILED.clear()
     V = K if coupled else 32
     x = _inputs(2, T, 2, K, V, decay=decay)
     bv = None if coupled else x["bv"]
@@ -63,6 +67,7 @@ def test_chunk_matches_naive_fwd_bwd(seed, T, BT, K, decay, coupled):
     _check("final_state", s, s_ref, RTOL)
     for n, a, b in zip(names, _grads(o, s, ts), _grads(o_ref, s_ref, ts)):
         _check(f"d{n}", a, b, 1e-3 if n == "g" else RTOL)
+    assert {"chunk_bwd_dqkg_inter_kernel", "chunk_bwd_dqkg_intra_kernel"} <= set(chunk_fwd_mod.COMPILED)
 
 
 def test_chunked_reference_matches_naive(seed):

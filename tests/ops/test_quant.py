@@ -220,26 +220,21 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 import catkit.ops.quant.groupwise as gw
 
-LAYOUT = ["row_bytes", "row_meta", "scale_m", "min_m", "lo_m", "hi_m", "row_idx", "ilo_i", "ihi_i"]
 target = GPUTarget("cuda", 90, 32)
+PTRS = {"x_ptr": "*bf16", "out_ptr": "*bf16", "buf_ptr": "*u8", "obuf_ptr": "*u8", "meta_ptr": "*fp16",
+        "ometa_ptr": "*fp32", "idx_ptr": "*i16", "oidx_ptr": "*i16"}
 
-def build(fn, names, ptrs, constexprs):
-    sig = {n: ptrs.get(n, "i32") for n in names}
-    sig.update({c: "constexpr" for c in constexprs})
-    triton.compile(ASTSource(fn=fn, signature=sig, constexprs=constexprs), target=target, options={"num_warps": 4})
+def build(fn, constexprs, num_warps):
+    sig = {n: "constexpr" if n in constexprs else PTRS.get(n, "i32") for n in fn.arg_names}
+    triton.compile(ASTSource(fn=fn, signature=sig, constexprs=constexprs), target=target,
+                   options={"num_warps": num_warps})
 
-for bits, spike, G in ((4, True, 128), (8, False, 32)):
-    GB = gw._groups_per_program(G, 1 << 20)
-    base = {"G": G, "GB": GB, "BITS": bits, "SPIKE": spike}
-    build(gw._quant_kernel, ["x_ptr", "buf_ptr", "meta_ptr", "idx_ptr", "n_valid", "n_groups", "gpr"] + LAYOUT,
-          {"x_ptr": "*bf16", "buf_ptr": "*u8", "meta_ptr": "*fp16", "idx_ptr": "*i16"}, base)
-    build(gw._dequant_kernel, ["buf_ptr", "meta_ptr", "idx_ptr", "out_ptr", "n_out", "n_groups", "gpr", "rows"] + LAYOUT,
-          {"buf_ptr": "*u8", "meta_ptr": "*fp32", "idx_ptr": "*i16", "out_ptr": "*bf16"}, {**base, "REDUCE": not spike})
-    build(gw._reduce_requant_kernel,
-          ["buf_ptr", "meta_ptr", "idx_ptr", "rows", "gpr"] + LAYOUT + ["obuf_ptr", "ometa_ptr", "oidx_ptr", "n_valid"]
-          + ["o" + n for n in LAYOUT],
-          {"buf_ptr": "*u8", "meta_ptr": "*fp32", "idx_ptr": "*i16", "obuf_ptr": "*u8", "ometa_ptr": "*fp32",
-           "oidx_ptr": "*i16"}, {**base, "OBITS": 12 - bits, "OSPIKE": spike})
+# the smallest and the largest tile of the autotuner's list, masked and unmasked
+for (bits, spike, G), (vals, warps) in zip(((4, True, 128), (8, False, 32)), (gw.TUNE_CONFIGS[0], gw.TUNE_CONFIGS[-1])):
+    base = {"G": G, "BITS": bits, "SPIKE": spike, **gw._config(vals, warps).kwargs}
+    build(gw._quant_kernel, {**base, "WHOLE": spike}, warps)
+    build(gw._dequant_kernel, {**base, "REDUCE": not spike, "WHOLE": not spike}, warps)
+    build(gw._reduce_requant_kernel, {**base, "OBITS": 12 - bits, "OSPIKE": spike, "WHOLE": spike}, warps)
 print("compiled")
 """
 
@@ -259,3 +254,77 @@ def test_kernels_compile_for_sm90():
     r = subprocess.run([sys.executable, "-c", _COMPILE_SCRIPT], env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0 and "compiled" in r.stdout, r.stderr[-3000:]
     assert triton is not None
+
+
+# Every autotuner candidate must write the same bytes: ranks of one all-reduce may tune to
+# different tiles, and the CPU suite otherwise only runs the first. Under the interpreter the
+# warp count itself changes nothing, so each distinct tile (values a program, parts a group: HP)
+# runs once.
+def _each_tile():
+    from catkit.ops.quant.groupwise import TUNE_CONFIGS, _config
+    seen = {}
+    for vals, warps in TUNE_CONFIGS:
+        seen.setdefault(tuple(sorted(_config(vals, warps).kwargs.items())), (vals, warps))
+    return list(seen.values())
+
+
+@pytest.mark.parametrize("bits,spike,G,rows,numel", [
+    (8, False, 128, 3, 3 * 128 * 30 - 45),  # odd numel: masked path, a partial last row
+    (4, False, 128, 2, 2 * 128 * 40),       # whole groups: the unmasked path
+    (8, True, 64, 2, 2 * 2112 - 7),
+    (4, True, 128, 1, 128 * 70),            # whole, spikes, 70 groups: a partial last program
+    (8, False, 32, 2, 2 * 32 * 150 - 3),    # G = 32: one part a group
+    (4, False, 64, 3, 3 * 64 * 20 - 10),    # int4 codes, masked
+])
+def test_every_tile_config_writes_the_same_bytes(seed, bits, spike, G, rows, numel):
+    from catkit.ops.quant.groupwise import dequantize_launcher, quantize_launcher, reduce_requantize_launcher
+    from catkit.ops.quant.layout import QTensor, row_length
+
+    x = (torch.randn(numel) * 3 + 1).to(torch.bfloat16)
+    x[numel // 3] = float("nan")
+    layout = QuantLayout(row_length(numel, rows, G), bits, G, spike)
+    ref = naive.quantize(x, bits, G, rows=rows, spike_reserve=spike)
+    out_layout = QuantLayout(layout.n, 12 - bits, G, spike)
+    n_red = layout.n - 5 if numel % G else layout.n
+    first = None
+    for cfg in _each_tile():
+        q = QTensor(torch.zeros(rows, layout.row_bytes, dtype=torch.uint8), layout, numel)
+        quantize_launcher(layout, rows, numel, q, config=cfg)(x)
+        assert_same_qtensor(q, ref)
+        y = torch.full((numel,), 7.0, dtype=torch.bfloat16)
+        dequantize_launcher(q, config=cfg)(y)
+        s = torch.full((layout.n,), 7.0)
+        dequantize_launcher(q, reduce_rows=True, config=cfg)(s)
+        torch.testing.assert_close(s, naive.dequantize(q, reduce_rows=True), rtol=1e-6, atol=1e-6, equal_nan=True)
+        r = QTensor(torch.zeros(1, out_layout.row_bytes, dtype=torch.uint8), out_layout, n_red)
+        reduce_requantize_launcher(q, out_layout, n_red, r, config=cfg)()
+        assert_same_qtensor(r, naive.quantize(naive.dequantize(q, reduce_rows=True), 12 - bits, G, n_valid=n_red,
+                                              spike_reserve=spike))
+        got = (q.data, y, s, r.data)
+        if first is None:
+            first = got
+            # the interpreter truncates fp32 -> bf16 (see test_kernel_matches_naive): one bf16 step
+            torch.testing.assert_close(y.float(), naive.dequantize(q).to(torch.bfloat16).float(), rtol=2**-7,
+                                       atol=0, equal_nan=True)
+        else:
+            for name, a, b in zip(("quantize", "dequantize", "dequantize(reduce)", "reduce_requantize"), first, got):
+                assert torch.equal(a.view(torch.uint8), b.view(torch.uint8)), f"{name}: tile {cfg} differs"
+
+
+def test_bound_launcher_consults_the_autotuner_once(seed, monkeypatch):
+    """The plan's launches stay cheap: after the first call a bound launcher launches the chosen
+    config directly, without the autotuner's per-call key building and cache lookup."""
+    import catkit.ops.quant.groupwise as gw
+    from catkit.ops.quant.layout import QTensor
+
+    calls = []
+    real_run = gw._quant_tuned.run
+    monkeypatch.setattr(gw._quant_tuned, "run", lambda *a, **k: calls.append(1) or real_run(*a, **k))
+    layout = QuantLayout(256, 8, 32)
+    out = QTensor(torch.zeros(2, layout.row_bytes, dtype=torch.uint8), layout, 500)
+    f = gw.quantize_launcher(layout, 2, 500, out)
+    for _ in range(3):
+        x = torch.randn(500)
+        f(x)
+        assert_same_qtensor(out, naive.quantize(x, 8, 32, rows=2, n_valid=500))
+    assert len(calls) == 1

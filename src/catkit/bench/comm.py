@@ -19,7 +19,8 @@ identical results on every rank and an error under the bit width's tolerance. Su
 size from which the method beats NCCL at every larger size) and ``recommended_fallback_bytes``
 (the largest over methods) for ``catkit.dist.flash_all_reduce.FALLBACK_BYTES[("nccl", world)]``. A second
 pass times ``flash_<bits>_auto`` (the library call with that measured threshold, i.e. what a user
-gets: NCCL below it, compression above), each again next to a fresh NCCL time.
+gets: NCCL below it, compression above), each again next to a fresh NCCL time, in three
+interleaved rounds (median reported).
 
 Every timed row also has ``host_ms``: the wall time of issuing the calls, per call; near ``ms``
 means host bound (Python / launches), far below means the GPU or the link is the limit. Then,
@@ -60,6 +61,10 @@ METHODS = {  # name: (bits, gather_bits); None = the NCCL anchor
 }
 # relative RMS error allowed vs the exact fp32 sum on Gaussian data (measured on CPU: ~0.006 for
 # int8, ~0.1 for int6/int4 at group 128); generous so only a real bug turns a row red
+# Interleaved timing rounds per size in the second pass (the ``*_auto`` rows, which must show no
+# size slower than NCCL: a claim about a few microseconds at small sizes, where single passes
+# drifted by more than that).
+AUTO_ROUNDS = 3
 TOLERANCE = {"nccl_bf16": 0.01, "flash_int8": 0.03, "flash_int6": 0.2, "flash_int4": 0.25}
 GROUP_SIZE = 128
 CHUNK_SWEEP = (1, 2, 4, 8)  # pipelined slices timed at the stage sizes
@@ -137,8 +142,10 @@ def _same_everywhere(y: torch.Tensor) -> bool:
     return bool(torch.equal(hi.nan_to_num(1e30), t.nan_to_num(1e30)))  # max == mine for +v and -v
 
 
-def _measure(size: int, world: int, methods: dict, min_bytes: dict, quick: bool, dev, card: str, g) -> list[dict]:
-    """Time and check every method at one size; ``methods`` maps name -> (bits, gather_bits) | None."""
+def _measure(size: int, world: int, methods: dict, min_bytes: dict, quick: bool, dev, card: str, g,
+             rounds: int = 1) -> list[dict]:
+    """Time and check every method at one size; ``methods`` maps name -> (bits, gather_bits) | None;
+    ``rounds`` interleaved timing rounds (median reported)."""
     from catkit.dist import flash_all_reduce
     from catkit.utils.testing import rel_rms
 
@@ -151,7 +158,7 @@ def _measure(size: int, world: int, methods: dict, min_bytes: dict, quick: bool,
     dist.all_reduce(exact)
     iters = 3 if not cuda else 10 if quick else (20 if size >= 64 << 20 else 50)
     warmup = 1 if not cuda else 5
-    rows, times = [], {}
+    fns, checks = {}, {}
     for method, spec in methods.items():
         it = iter(range(1 << 30))
         if spec is None:
@@ -159,33 +166,43 @@ def _measure(size: int, world: int, methods: dict, min_bytes: dict, quick: bool,
             y = xs[0].clone()
             dist.all_reduce(y)
             # in place on scratch copies: values grow each call, speed does not depend on them
-            fn = lambda: dist.all_reduce(scratch[next(it) % nbuf])  # noqa: E731
+            fns[method] = lambda it=it, scratch=scratch: dist.all_reduce(scratch[next(it) % nbuf])  # noqa: E731
         else:
             kw = dict(bits=spec[0], gather_bits=spec[1], group_size=GROUP_SIZE, min_bytes=min_bytes.get(method, 0))
             y = flash_all_reduce(xs[0], **kw)
             scratch = [x.clone() for x in xs]
             # in place like the NCCL call (no output allocation), on the same kind of scratch copies
-            fn = lambda kw=kw: flash_all_reduce(scratch[next(it) % nbuf], inplace=True, **kw)  # noqa: E731
-        same = _same_everywhere(y)
-        err = rel_rms(y.float(), exact)
-        ms, host_ms = _timed(fn, iters, warmup, cuda)
-        times[method] = ms
+            fns[method] = lambda kw=kw, it=it, scratch=scratch: flash_all_reduce(  # noqa: E731
+                scratch[next(it) % nbuf], inplace=True, **kw)
+        checks[method] = (_same_everywhere(y), rel_rms(y.float(), exact))
+    # Interleaved rounds: every round times each method once, in turn, so drift of the machine
+    # (clocks, the peer's timing, NCCL's own jitter, up to 2x at one size between two passes in
+    # one run) falls on all methods alike; each method reports its median round.
+    per_round = {m: [] for m in fns}
+    for _ in range(rounds if cuda else 1):
+        for method, fn in fns.items():
+            per_round[method].append(_timed(fn, iters, warmup, cuda))
+    times = {m: sorted(r)[len(r) // 2] for m, r in per_round.items()}
+    nccl_ms = times["nccl_bf16"][0]
+    rows = []
+    for method, spec in methods.items():
+        (ms, host_ms), (same, err) = times[method], checks[method]
         base = method.removesuffix("_auto")
         wire = _wire_bytes(numel, world, base)
         if spec is not None and size < min_bytes.get(method, 0):
             wire = _wire_bytes(numel, world, "nccl_bf16")  # the fallback sends bf16
         row = {
             "size": _fmt_bytes(size), "bytes": size, "method": method, "world": world, "card": card,
-            "ms": ms, "host_ms": host_ms, "nccl_ms": times["nccl_bf16"],
+            "ms": ms, "host_ms": host_ms, "nccl_ms": nccl_ms, "rounds_ms": [r[0] for r in per_round[method]],
             "busbw_GBps": 2.0 * (world - 1) / world * size / (ms * 1e-3) / 1e9,
             "wire_MB": wire / 2**20,
-            "ideal_ms": times["nccl_bf16"] * wire / _wire_bytes(numel, world, "nccl_bf16"),
+            "ideal_ms": nccl_ms * wire / _wire_bytes(numel, world, "nccl_bf16"),
             "rel_err": err,
             "correct": bool(math.isfinite(err) and same and err <= TOLERANCE[base]),
         }
         if spec is not None:
-            row["speedup_vs_nccl"] = times["nccl_bf16"] / ms
-            row["ideal_speedup"] = times["nccl_bf16"] / row["ideal_ms"]
+            row["speedup_vs_nccl"] = nccl_ms / ms
+            row["ideal_speedup"] = nccl_ms / row["ideal_ms"]
         rows.append(row)
     return rows
 
@@ -299,7 +316,7 @@ def _comm_rows(world: int, sizes: list[int], quick: bool, dev, card: str, g) -> 
                   for r in _fallback_rows(rows)}
     auto = {"nccl_bf16": None, **{m: METHODS[m.removesuffix("_auto")] for m in thresholds}}
     for size in sizes:
-        for r in _measure(size, world, auto, thresholds, quick, dev, card, g):
+        for r in _measure(size, world, auto, thresholds, quick, dev, card, g, rounds=1 if quick else AUTO_ROUNDS):
             if r["method"] != "nccl_bf16":
                 r["fallback_bytes"] = thresholds[r["method"]]
                 rows.append(r)
@@ -369,8 +386,12 @@ def _tp_rows(rank: int, world: int, quick: bool, dev, card: str) -> list[dict]:
     n_params = full.num_params()
     del full
     _free(cuda)
+    # compression forced on (min_bytes=0) over the faster transport where it exists: symmetric
+    # memory on CUDA (2..8 ranks), else NCCL / gloo
+    transport = "symm" if cuda and world <= 8 and _symm_ok() else "nccl"
     methods = {"tp_exact": CommConfig("exact"),
-               **{f"tp_{m}": CommConfig("flash", bits=spec[0], gather_bits=spec[1], group_size=GROUP_SIZE, min_bytes=0)
+               **{f"tp_{m}": CommConfig("flash", bits=spec[0], gather_bits=spec[1], group_size=GROUP_SIZE, min_bytes=0,
+                                        transport=transport)
                   for m, spec in METHODS.items() if spec is not None}}
     iters, warmup = (3, 1) if quick or not cuda else (5, 2)
     rows, ref = [], None
@@ -391,12 +412,19 @@ def _tp_rows(rank: int, world: int, quick: bool, dev, card: str) -> list[dict]:
                "logit_rel_rms": err, "top1_agree": float((logits.argmax(-1) == base.argmax(-1)).float().mean()),
                "ppl": ppl, "correct": bool(math.isfinite(err) and same and err <= TP_TOLERANCE[name])}
         if name != "tp_exact":
+            row["transport"] = transport
             row["ppl_exact"] = rows[0]["ppl"]
             row["speedup_vs_exact"] = ref_ms / ms
         rows.append(row)
     del tp
     _free(cuda)
     return rows
+
+
+def _symm_ok() -> bool:
+    from catkit.dist.symm_all_reduce import symm_available
+
+    return symm_available() is None
 
 
 def _fallback_rows(rows: list[dict]) -> list[dict]:
@@ -436,7 +464,8 @@ def _finish(rows: list[dict], report: bool = True) -> list[dict]:
         per = ", ".join(f"{r['method'].removeprefix('fallback_')}: {r['fallback_bytes_measured']}" for r in fb)
         world = nccl[0]["world"]
         print(f"[comm] measured fallback bytes ({per}); set FALLBACK_BYTES[(\"nccl\", {world})] = "
-              f"{fb[0]['recommended_fallback_bytes']} in catkit/dist/flash_all_reduce.py", flush=True)
+              f"{fb[0]['recommended_fallback_bytes']} in catkit/dist/flash_all_reduce.py (or per "
+              f"reduce-scatter width: FALLBACK_BYTES[(\"nccl\", {world}, bits)])", flush=True)
     return rows + fb
 
 

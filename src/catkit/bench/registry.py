@@ -25,6 +25,7 @@ _SUITE_MODULES = [
     "catkit.bench.delta_rule",
     "catkit.bench.sparse_attention",
     "catkit.bench.comm",
+    "catkit.bench.comm_symm",
     "catkit.bench.serve",
     "catkit.bench.ngram",
 ]

@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import atexit
 import functools
+import sys
 from collections import OrderedDict
 from dataclasses import dataclass
 
@@ -50,17 +51,71 @@ from catkit.ops.quant.layout import QTensor, QuantLayout, check_quant_args, row_
 from catkit.utils.device import check_tensor
 
 # Below this many input bytes ``flash_all_reduce`` runs the exact all-reduce instead, because
-# two collectives plus three kernels cannot beat one NCCL call there. Keys: backend, or
-# (backend, world size) where that was measured; ``catkit bench comm`` prints the crossover
-# ("[comm] measured fallback bytes ... set FALLBACK_BYTES[...]") in its ``fallback_*`` rows.
-# Measured on H200s (benchmarks/results/comm-NVIDIA_H200-*.json): 2 GPUs, no size up to 256 MB
-# where a compressed width beat NCCL bf16 (crossover above 256 MB, recorded as 512 MiB); 4 GPUs,
-# int4/int6 won from 256 MB (1.37x / 1.16x). Other world sizes use the 4-GPU value until measured.
-# "gloo" is 0 so CPU runs (tests) always take the compressed path; on CPU compression is about
-# correctness, not speed.
-FALLBACK_BYTES: dict = {"nccl": 256 << 20, ("nccl", 2): 512 << 20, "gloo": 0}
+# two collectives plus three kernels cannot beat one NCCL call there. Keys, most specific first:
+# (backend, world size, bits of the reduce-scatter step), (backend, world size), backend;
+# ``catkit bench comm`` prints the crossover ("[comm] measured fallback bytes ... set
+# FALLBACK_BYTES[...]") in its ``fallback_*`` rows (``fallback_bytes_measured`` per width).
+# Measured on H200s with the NCCL transport (benchmarks/results/comm-NVIDIA_H200-4gpu.json;
+# 2 GPUs: comm-NVIDIA_H200-2gpu-nccl-transport.json, before transport="auto" moved to symmetric
+# memory): 2 GPUs, int6 wins from 64 MB (1.07x), int4 from 128 MB (1.39x), int8 only at 256 MB
+# (1.04x); 4 GPUs, int4 and int6 from 64 MB (1.22x / 1.04x there, 1.42x / 1.18x at 256 MB), int8
+# only at 256 MB (1.02x). Other world sizes use the int8 value until measured. On 2 GPUs
+# ``transport="auto"`` takes the symmetric-memory path from 64 MB (``SYMM_FASTER``), which skips
+# this fallback. "gloo" is 0 so CPU runs (tests) always take the compressed path; on CPU
+# compression is about correctness, not speed.
+FALLBACK_BYTES: dict = {"nccl": 256 << 20, ("nccl", 2, 4): 128 << 20, ("nccl", 4, 4): 64 << 20, "gloo": 0}
+
+
+def fallback_bytes(backend: str, world: int, bits: int) -> int:
+    """The measured size below which ``flash_all_reduce`` sends the exact all-reduce instead."""
+    for key in ((backend, world, bits), (backend, world), backend):
+        if key in FALLBACK_BYTES:
+            return FALLBACK_BYTES[key]
+    return 0
 
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+# The symmetric-memory transport (catkit.dist.symm_all_reduce: the same compressed all-reduce,
+# bit for bit, with the two NCCL collectives replaced by peer stores inside the kernels) is
+# picked by ``transport="auto"`` only in byte ranges [lo, hi) where it was MEASURED faster than
+# both this module's NCCL path and NCCL bf16 (the ``symm_faster_*`` rows of ``catkit bench
+# comm_symm``, which print the entry), keyed (world size, bits, gather_bits); there it also
+# skips the size fallback. 2 H200s: faster than both from 64 MB in every run (64 MB: int8
+# 1.40-1.55x, int6 1.77-1.80x, int4 1.93-2.22x NCCL bf16; 256 MB: 1.56x / 1.85x / 2.38x;
+# benchmarks/results/comm_symm-NVIDIA_H200-2gpu.json, comm-NVIDIA_H200-2gpu.json). At 32 MB it
+# won in three runs (1.13-1.30x) and lost in one (0.74x): there the call is host bound (0.12-0.18
+# ms of host time for three launches and two barriers against NCCL's 0.136 ms), so 32 MB stays
+# with NCCL. 4 H100s (comm_symm-NVIDIA_H100_80GB_HBM3-4gpu.json): faster than both from 16 MB
+# (16 MB: 1.35-1.38x; 64 MB: int8 1.16x, int6 1.51x, int4 1.87x; 256 MB: 1.11x / 1.47x / 1.83x,
+# the auto pass of comm-NVIDIA_H100_80GB_HBM3-4gpu.json). Other world sizes: NCCL path until measured.
+SYMM_FASTER: dict = {(2, 8, 8): [(64 << 20, 512 << 20)], (2, 4, 8): [(64 << 20, 512 << 20)],
+                     (2, 4, 4): [(64 << 20, 512 << 20)], (4, 8, 8): [(16 << 20, 512 << 20)],
+                     (4, 4, 8): [(16 << 20, 512 << 20)], (4, 4, 4): [(16 << 20, 512 << 20)]}
+TRANSPORTS = ("auto", "nccl", "symm")
+
+# Byte ranges [lo, hi) per world size where the exact fallback runs as ONE symmetric-memory kernel
+# (catkit.dist.symm_exact: torch's one-shot all-reduce) instead of NCCL, because it was MEASURED
+# faster there (the ``symm_exact_faster`` row of ``catkit bench comm_symm`` prints the entry).
+# Only bf16 / fp32 without autograd; everything else below the threshold is NCCL. 2 H200s
+# (benchmarks/results/comm_symm-NVIDIA_H200-2gpu.json): 1.1-2.2x faster than NCCL bf16 from 8 KB
+# to 2 MB (0.015-0.023 ms against 0.023-0.035 ms, bit for bit NCCL's sum), slower from 4 MB; 4
+# H100s (comm_symm-NVIDIA_H100_80GB_HBM3-4gpu.json): the same range.
+SYMM_EXACT_FASTER: dict = {2: [(0, 4 << 20)], 4: [(0, 4 << 20)]}
+
+
+def resolve_transport(transport: str, backend: str, world: int, bits: int, gather_bits: int, nbytes: int,
+                      is_cuda: bool) -> str:
+    """"nccl" (this module's path: NCCL on CUDA, gloo on CPU) or "symm" for one call."""
+    if transport != "auto":
+        return transport
+    if backend != "nccl" or not is_cuda:
+        return "nccl"
+    return "symm" if _in_ranges(SYMM_FASTER.get((world, bits, gather_bits), ()), nbytes) else "nccl"
+
+
+def _in_ranges(ranges, nbytes: int) -> bool:
+    """Whether ``nbytes`` lies in one of the measured half-open byte ranges [lo, hi)."""
+    return any(lo <= nbytes < hi for lo, hi in ranges)
 
 
 @dataclass
@@ -68,7 +123,7 @@ class CommConfig:
     """How a tensor-parallel layer reduces its partial outputs.
 
     ``mode``: ``"exact"`` (``dist.all_reduce`` in the tensor's dtype) or ``"flash"``
-    (:func:`flash_all_reduce` with the remaining fields).
+    (:func:`flash_all_reduce` with the remaining fields, ``transport`` included).
     """
 
     mode: str = "exact"
@@ -79,10 +134,13 @@ class CommConfig:
     meta_dtype: torch.dtype = torch.float32
     min_bytes: int | None = None
     chunks: int | None = None
+    transport: str = "auto"
 
     def __post_init__(self):
         if self.mode not in ("exact", "flash"):
             raise ValueError(f"mode: expected 'exact' or 'flash', got {self.mode!r}")
+        if self.transport not in TRANSPORTS:
+            raise ValueError(f"transport: expected one of {TRANSPORTS}, got {self.transport!r}")
         check_quant_args(self.bits, self.group_size, self.meta_dtype)
         if self.gather_bits is not None:
             check_quant_args(self.gather_bits, self.group_size, self.meta_dtype, name="gather_bits")
@@ -212,7 +270,7 @@ class _Pipeline:
 
 # Slices for the pipelined path by message size (bytes, slices), largest first; below the last
 # entry one unsliced plan. Measured on 2 H200s (rows ``flash_<bits>:chunks=K`` of
-# benchmarks/results/comm-NVIDIA_H200-2gpu-quick.json): one slice was fastest or tied at 64 KB,
+# benchmarks/results/comm-NVIDIA_H200-2gpu-session1-quick.json, NCCL transport): one slice was fastest or tied at 64 KB,
 # 64 MB and 256 MB for every width (256 MB int8: 1.07 / 1.12 / 1.11 / 2.26 ms for 1 / 2 / 4 / 8
 # slices), since each slice adds about five launches of host time and the slices' collectives
 # serialise on the link anyway. So no size is sliced by default; ``chunks=`` still forces it.
@@ -234,6 +292,12 @@ def clear_plan_cache() -> None:
     orderly shutdown inside a cache."""
     _PLANS.clear()
     _GROUPS.clear()
+    symm = sys.modules.get("catkit.dist.symm_all_reduce")
+    if symm is not None:  # the symmetric-memory transport's plans too, if it was ever used
+        symm.clear_symm_plans()
+    exact = sys.modules.get("catkit.dist.symm_exact")
+    if exact is not None:  # and the one-shot fallback's buffers
+        exact.clear_buffers()
 
 
 atexit.register(clear_plan_cache)
@@ -317,6 +381,50 @@ def exact_all_reduce(x: torch.Tensor, group=None, *, inplace: bool = False) -> t
     return _ExactAllReduceFn.apply(x.contiguous(), group)
 
 
+_ARGS_OK: set = set()  # argument tuples already validated: below the fallback size NCCL's own
+# latency is ~30 us of host time, so every microsecond of checking shows
+
+
+def _check_args(bits, gather_bits, group_size, meta_dtype, min_bytes, chunks, transport) -> None:
+    key = (bits, gather_bits, group_size, meta_dtype, min_bytes, chunks, transport)
+    try:
+        if key in _ARGS_OK:
+            return
+    except TypeError:  # an unhashable argument: certainly not a valid one, checked below
+        key = None
+    check_quant_args(bits, group_size, meta_dtype, name="bits")
+    check_quant_args(gather_bits, group_size, meta_dtype, name="gather_bits")
+    if min_bytes is not None and (not isinstance(min_bytes, int) or min_bytes < 0):
+        raise ValueError(f"min_bytes: expected a non-negative int or None, got {min_bytes!r}")
+    if chunks is not None and (not isinstance(chunks, int) or isinstance(chunks, bool) or chunks < 1):
+        raise ValueError(f"chunks: expected a positive int or None, got {chunks!r}")
+    if transport not in TRANSPORTS:
+        raise ValueError(f"transport: expected one of {TRANSPORTS}, got {transport!r}")
+    if key is not None and len(_ARGS_OK) < 1024:
+        _ARGS_OK.add(key)
+
+
+def _exact_fallback(x, group, world: int, backend: str, nbytes: int, inplace: bool) -> torch.Tensor:
+    """Below the compression threshold: the exact sum, in as few host steps as possible (NCCL's
+    own latency is the bar), over one symmetric-memory kernel where that was measured faster
+    (``SYMM_EXACT_FASTER``), else ``dist.all_reduce``."""
+    grad = x.requires_grad and torch.is_grad_enabled()
+    if not grad and backend == "nccl" and _in_ranges(SYMM_EXACT_FASTER.get(world, ()), nbytes):
+        from catkit.dist import symm_exact  # CUDA-only, loaded on first use
+
+        if symm_exact.usable(x, world):  # same answer on every rank: dtype, size and world only
+            return symm_exact.symm_exact_checked(x, group, inplace)
+    if inplace:
+        dist.all_reduce(x, group=group)
+        return x
+    x = x.contiguous()
+    if grad:
+        return _ExactAllReduceFn.apply(x, group)
+    y = x.clone()  # no graph to record: skip the autograd.Function's own host cost
+    dist.all_reduce(y, group=group)
+    return y
+
+
 def flash_all_reduce(
     x: torch.Tensor,
     group=None,
@@ -329,6 +437,7 @@ def flash_all_reduce(
     min_bytes: int | None = None,
     inplace: bool = False,
     chunks: int | None = None,
+    transport: str = "auto",
 ) -> torch.Tensor:
     """Sum ``x`` over the ranks of ``group`` with int8/int4 group-wise compression.
 
@@ -351,6 +460,12 @@ def flash_all_reduce(
         chunks: cut the message into this many slices and overlap one slice's kernels with
             another's transfers (same result: the groups do not change); ``None`` =
             :func:`auto_chunks` of the size (1 at every size measured so far).
+        transport: ``"nccl"``: two NCCL (gloo on CPU) collectives between the kernels;
+            ``"symm"``: the same bytes moved by the kernels themselves over torch symmetric
+            memory (:func:`catkit.dist.symm_all_reduce.symm_all_reduce`: CUDA, 2..8 ranks, one
+            NVLink island; bit-identical result; ``min_bytes=None`` means no fallback there and
+            ``chunks`` must be None or 1); ``"auto"`` (default): "symm" only where
+            :data:`SYMM_FASTER` records it measured faster, else "nccl".
 
     Returns ``sum over ranks of x`` (fp32 accumulation), identical on every rank, within the
     bound in the module docstring. Special cases: an empty ``x`` or a group of one rank returns
@@ -363,13 +478,8 @@ def flash_all_reduce(
         y = flash_all_reduce(partial, bits=4, gather_bits=8)   # INT6
     """
     check_tensor("x", x, dtypes=_DTYPES)
-    check_quant_args(bits, group_size, meta_dtype, name="bits")
     gather_bits = bits if gather_bits is None else gather_bits
-    check_quant_args(gather_bits, group_size, meta_dtype, name="gather_bits")
-    if min_bytes is not None and (not isinstance(min_bytes, int) or min_bytes < 0):
-        raise ValueError(f"min_bytes: expected a non-negative int or None, got {min_bytes!r}")
-    if chunks is not None and (not isinstance(chunks, int) or isinstance(chunks, bool) or chunks < 1):
-        raise ValueError(f"chunks: expected a positive int or None, got {chunks!r}")
+    _check_args(bits, gather_bits, group_size, meta_dtype, min_bytes, chunks, transport)
     if not dist.is_available() or not dist.is_initialized():
         raise ValueError("group: torch.distributed is not initialized (call init_process_group first)")
     if inplace and not x.is_contiguous():
@@ -380,29 +490,29 @@ def flash_all_reduce(
     if world == 1 or x.numel() == 0:
         return x if inplace else x.clone()
     nbytes = x.numel() * x.element_size()
+    if transport == "symm" and chunks not in (None, 1):
+        raise ValueError(f"chunks: the symm transport does not slice messages, got {chunks}")
+    # "auto" with sliced messages asked for stays on the NCCL path (the only one that slices)
+    if (chunks in (None, 1) and (min_bytes is None or nbytes >= min_bytes)
+            and resolve_transport(transport, backend, world, bits, gather_bits, nbytes, x.is_cuda) == "symm"):
+        from catkit.dist.symm_all_reduce import symm_all_reduce_checked  # CUDA-only, loaded on first use
+
+        return symm_all_reduce_checked(x, group, world, bits, gather_bits, group_size, spike_reserve, meta_dtype,
+                                       inplace)
     if min_bytes is None:
-        threshold = FALLBACK_BYTES.get((backend, world), FALLBACK_BYTES.get(backend, 0))
+        threshold = fallback_bytes(backend, world, bits)
     else:
         threshold = min_bytes
-    small = nbytes < threshold
+    if nbytes < threshold:
+        return _exact_fallback(x, group, world, backend, nbytes, inplace)
     chunks = auto_chunks(nbytes) if chunks is None else chunks
-    # below the threshold nothing but dist.all_reduce runs: the fallback must cost what NCCL costs
-    plan = None if small else get_plan(x, group, bits, gather_bits, group_size, spike_reserve, meta_dtype, chunks)
-    if inplace:  # no autograd here: the fewest host steps for latency-bound sizes
-        if small:
-            dist.all_reduce(x, group=group)
-        else:
-            plan.run(x, x)
+    plan = get_plan(x, group, bits, gather_bits, group_size, spike_reserve, meta_dtype, chunks)
+    if inplace:  # no autograd here
+        plan.run(x, x)
         return x
     x = x.contiguous()
     if x.requires_grad and torch.is_grad_enabled():
-        if small:
-            return _ExactAllReduceFn.apply(x, group)
         return _FlashAllReduceFn.apply(x, group, bits, gather_bits, group_size, spike_reserve, meta_dtype, chunks)
-    if small:  # no graph to record: skip the autograd.Function's own host cost
-        y = x.clone()
-        dist.all_reduce(y, group=group)
-        return y
     out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     plan.run(x, out)
     return out
@@ -417,4 +527,4 @@ def all_reduce(x: torch.Tensor, group=None, config: CommConfig | None = None, *,
     return flash_all_reduce(x, group, bits=config.bits, gather_bits=config.gather_bits,
                             group_size=config.group_size, spike_reserve=config.spike_reserve,
                             meta_dtype=config.meta_dtype, min_bytes=config.min_bytes, chunks=config.chunks,
-                            inplace=inplace)
+                            inplace=inplace, transport=config.transport)

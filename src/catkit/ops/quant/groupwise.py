@@ -16,7 +16,8 @@ import torch
 from catkit.ops.quant import naive
 from catkit.ops.quant.layout import QTensor, QuantLayout, check_quant_args, row_length
 from catkit.utils.device import check_tensor
-from catkit.utils.triton_utils import kernel_device_ok, triton_available
+from catkit.utils.fast_launch import BoundLaunch
+from catkit.utils.triton_utils import autotune, kernel_device_ok, triton_available
 
 if triton_available():
     import triton
@@ -27,6 +28,27 @@ else:  # pragma: no cover - non-Linux installs
 _FLOAT_IN = (torch.float32, torch.float16, torch.bfloat16)
 
 
+# (values per program, warps): the autotuner's candidates. The first is the only one the CPU
+# interpreter runs through the autotuner (catkit.utils.triton_utils.autotune); the tests run every
+# one explicitly. 1K values on 4 warps is the old fixed tile (8 bf16 = one 16-byte load a thread).
+# Why the old tile was slow (sm_90 SASS, scripts/sm90_regs_quant.py): the int8 quantize ran ~700
+# instructions a thread for 8 values, ~2.7 warp-instructions a value, where an H200 streaming
+# ~3 bytes a value at 4.8 TB/s affords ~0.65: it was issue-bound, not memory-bound. The per-group
+# work (three exact divisions, metadata, shuffles) was redone by each of the 16 threads sharing a
+# group for only 8 values each. Bigger tiles with the [H, GB, P] split below give each thread more
+# values of fewer groups (4096 values / 4 warps: 0.65 warp-instructions a value; 8192: 0.50).
+TUNE_CONFIGS = ((1024, 4), (2048, 4), (4096, 4), (8192, 4), (2048, 8), (4096, 8), (8192, 8))
+
+
+def _config(vals: int, warps: int):
+    # HP: parts of a group one thread holds (values a thread / 16, see the tile comment below)
+    return triton.Config({"VALS": vals, "HP": max(1, vals // (512 * warps))}, num_warps=warps)
+
+
+def _tune_configs():
+    return [_config(v, w) for v, w in TUNE_CONFIGS]
+
+
 if triton is not None:
 
     @triton.jit
@@ -34,57 +56,118 @@ if triton is not None:
         # |v| < inf is False for both NaN and +-Inf; works the same compiled and interpreted.
         return tl.where(tl.abs(v) < float("inf"), 0, 1) > 0
 
+    # A tile is [H, GB, P]: GB groups, each cut into H parts of P = G // H consecutive values, so
+    # element (h, i, p) is value h * P + p of group i. Triton lays the contiguous P axis over lanes
+    # (16-byte vectors: 16 uint8 codes, which is the layout it picks for the whole kernel) and GB
+    # over the remaining lanes and warps; with H = values a thread / 16 that covers exactly the
+    # CTA, so the H parts of a group land in one thread's registers: group-wise reductions cross
+    # G / (16 * H) lanes instead of G / 16, and the per-group arithmetic is repeated by that many
+    # threads. A larger H spills parts over warps (reductions through shared memory: slower, seen
+    # in the TTGIR); H = 1 is the plain [GB, G] tile. Parts keep >= 32 values.
+
     @triton.jit
-    def _quant_tile(x, valid, k, META: tl.constexpr, QMAX: tl.constexpr, G: tl.constexpr, SPIKE: tl.constexpr):
-        """Quantize a [GB, G] fp32 tile (absent values masked by ``valid``); see naive.py."""
-        kk = k[None, :]
-        bad = tl.max(tl.where(valid & _not_finite(x), 1, 0), axis=1) > 0
-        rest = valid
+    def _parts(H: tl.constexpr, P: tl.constexpr):
+        """[H, 1, P]: each element's position inside its group."""
+        return tl.arange(0, H)[:, None, None] * P + tl.arange(0, P)[None, None, :]
+
+    @triton.jit
+    def _gmax(v):
+        return tl.max(tl.max(v, axis=2), axis=0)
+
+    @triton.jit
+    def _gmin(v):
+        return tl.min(tl.min(v, axis=2), axis=0)
+
+    @triton.jit
+    def _gsum(v):
+        return tl.sum(tl.sum(v, axis=2), axis=0)
+
+    @triton.jit
+    def _e(v):
+        """[GB] group statistic -> [1, GB, 1], to broadcast over a tile."""
+        return v[None, :, None]
+
+    @triton.jit
+    def _quant_tile(x, valid, kk, META: tl.constexpr, QMAX: tl.constexpr, G: tl.constexpr, SPIKE: tl.constexpr,
+                    MASKED: tl.constexpr):
+        """Quantize an [H, GB, P] fp32 tile (``kk``: positions in the group); see naive.py.
+
+        ``valid`` (absent values) is read only when MASKED: a message of whole groups skips every
+        mask (groups past the end are computed on zeros and never stored)."""
+        # NaN/Inf among the present values: the group's sum of x * 0 is NaN (IEEE, on the GPU and in
+        # numpy alike), else 0. A float sum: cheaper than an int max over abs/compare/select.
+        z = x * 0.0
+        if MASKED:
+            z = tl.where(valid, z, 0.0)
+        bad = _gsum(z) != 0.0
         lo_r = tl.zeros_like(bad).to(tl.float32)
         hi_r = lo_r
         i_lo = tl.zeros_like(bad).to(tl.int32) + G
         i_hi = i_lo
+        rest = valid
         if SPIKE:
-            mx_all = tl.max(tl.where(valid, x, -float("inf")), axis=1)
-            i_hi = tl.min(tl.where(valid & (x == mx_all[:, None]), kk, G), axis=1)
-            rest = valid & (kk != i_hi[:, None])
-            mn_all = tl.min(tl.where(rest, x, float("inf")), axis=1)
-            i_lo = tl.min(tl.where(rest & (x == mn_all[:, None]), kk, G), axis=1)
-            rest = rest & (kk != i_lo[:, None])
+            xm = x
+            if MASKED:
+                xm = tl.where(valid, x, -float("inf"))
+            mx_all = _gmax(xm)
+            hit = x == _e(mx_all)
+            if MASKED:
+                hit = valid & hit
+            i_hi = _gmin(tl.where(hit, kk, G))
+            rest = kk != _e(i_hi)
+            if MASKED:
+                rest = valid & rest
+            mn_all = _gmin(tl.where(rest, x, float("inf")))
+            i_lo = _gmin(tl.where(rest & (x == _e(mn_all)), kk, G))
+            rest = rest & (kk != _e(i_lo))
             # a one-hot masked sum is the gather of the spike value (0 when there is none)
-            lo_r = tl.sum(tl.where(kk == i_lo[:, None], x, 0.0), axis=1).to(META).to(tl.float32)
-            hi_r = tl.sum(tl.where(kk == i_hi[:, None], x, 0.0), axis=1).to(META).to(tl.float32)
+            lo_r = _gsum(tl.where(kk == _e(i_lo), x, 0.0)).to(META).to(tl.float32)
+            hi_r = _gsum(tl.where(kk == _e(i_hi), x, 0.0)).to(META).to(tl.float32)
             bad = bad | _not_finite(lo_r) | _not_finite(hi_r)
-        nonempty = tl.max(tl.where(rest, 1, 0), axis=1) > 0
-        mn = tl.where(nonempty, tl.min(tl.where(rest, x, float("inf")), axis=1), 0.0)
-        mx = tl.where(nonempty, tl.max(tl.where(rest, x, -float("inf")), axis=1), 0.0)
+        if SPIKE or MASKED:
+            mn = _gmin(tl.where(rest, x, float("inf")))
+            mx = _gmax(tl.where(rest, x, -float("inf")))
+            # only a group without present values has min +inf > max -inf (NaN compares False and
+            # is caught by ``bad``): one comparison instead of a third reduction
+            empty = mn > mx
+            mn = tl.where(empty, 0.0, mn)
+            mx = tl.where(empty, 0.0, mx)
+        else:
+            mn = _gmin(x)
+            mx = _gmax(x)
         # quantize against the *stored* (rounded) min and scale so decoding sees the same numbers
         mn_r = mn.to(META).to(tl.float32)
         # div_rn: Triton's "/" is an approximate division on the GPU; the reference divides exactly
         s_r = (tl.math.div_rn(mx, QMAX) - tl.math.div_rn(mn_r, QMAX)).to(META).to(tl.float32)
         bad = bad | _not_finite(mn_r) | _not_finite(s_r)
-        pos = s_r > 0
+        # A poisoned group gets inv = 0: (x - mn_r) * 0 + 0.5 gives code 0, and a NaN there (x or
+        # mn_r not finite) is clamped to 0 by maximum (maxnum on the GPU, fmax in the interpreter),
+        # so codes of bad groups are 0 without a per-value select.
+        pos = (s_r > 0) & (bad == 0)
         inv = tl.where(pos, tl.math.div_rn(1.0, tl.where(pos, s_r, 1.0)), 0.0)
-        q = tl.floor((x - mn_r[:, None]) * inv[:, None] + 0.5)
-        q = tl.minimum(tl.maximum(q, 0.0), QMAX)
-        q = tl.where(rest & (bad == 0)[:, None], q, 0.0).to(tl.int32)
-        return q, mn_r, s_r, lo_r, hi_r, i_lo, i_hi, bad
+        # clamp(floor(y), 0, QMAX) == trunc(clamp(y, 0, QMAX)): floor is monotone, the bounds are
+        # integers and trunc == floor on y >= 0; the int conversion truncates, so no FRND a value
+        q = tl.minimum(tl.maximum((x - _e(mn_r)) * _e(inv) + 0.5, 0.0), QMAX)
+        if SPIKE or MASKED:  # absent values and spike positions get code 0
+            q = tl.where(rest, q, 0.0)
+        return q.to(tl.int32), mn_r, s_r, lo_r, hi_r, i_lo, i_hi, bad
 
     @triton.jit
     def _store_tile(buf_ptr, meta_ptr, idx_ptr, q, mn_r, s_r, lo_r, hi_r, i_lo, i_hi, bad, r, j, gmask,
                     row_bytes, row_meta, scale_m, min_m, lo_m, hi_m, row_idx, ilo_i, ihi_i,
-                    G: tl.constexpr, GB: tl.constexpr, BITS: tl.constexpr, SPIKE: tl.constexpr):
+                    G: tl.constexpr, GB: tl.constexpr, H: tl.constexpr, BITS: tl.constexpr,
+                    SPIKE: tl.constexpr):
+        """Store the [H, GB, G // H] codes ``q`` and the [GB] statistics of groups ``j`` of rows
+        ``r`` (int64, so buffers past 2 GB index right)."""
         META = meta_ptr.dtype.element_ty
         CB: tl.constexpr = G * BITS // 8
         base = r * row_bytes + j * CB
+        P: tl.constexpr = G // H
         if BITS == 8:
-            kb = tl.arange(0, G)
-            tl.store(buf_ptr + base[:, None] + kb[None, :], q.to(tl.uint8), mask=gmask[:, None])
+            tl.store(buf_ptr + _e(base) + _parts(H, P), q.to(tl.uint8), mask=_e(gmask))
         else:
-            q_even, q_odd = tl.split(tl.reshape(q, [GB, G // 2, 2]))
-            kb = tl.arange(0, G // 2)
-            tl.store(buf_ptr + base[:, None] + kb[None, :], (q_even | (q_odd << 4)).to(tl.uint8),
-                     mask=gmask[:, None])
+            q_even, q_odd = tl.split(tl.reshape(q, [H, GB, P // 2, 2]))
+            tl.store(buf_ptr + _e(base) + _parts(H, P // 2), (q_even | (q_odd << 4)).to(tl.uint8), mask=_e(gmask))
         nan = float("nan")
         mrow = r * row_meta + j
         tl.store(meta_ptr + mrow + scale_m, tl.where(bad, nan, s_r).to(META), mask=gmask)
@@ -99,108 +182,167 @@ if triton is not None:
     @triton.jit
     def _decode_tile(buf_ptr, meta_ptr, idx_ptr, r, j, gmask,
                      row_bytes, row_meta, scale_m, min_m, lo_m, hi_m, row_idx, ilo_i, ihi_i,
-                     G: tl.constexpr, GB: tl.constexpr, BITS: tl.constexpr, SPIKE: tl.constexpr):
-        """Decode groups ``j`` of rows ``r`` into a [GB, G] fp32 tile."""
+                     G: tl.constexpr, GB: tl.constexpr, H: tl.constexpr, BITS: tl.constexpr,
+                     SPIKE: tl.constexpr):
+        """Decode groups ``j`` of rows ``r`` (int64) into an [H, GB, G // H] fp32 tile."""
         CB: tl.constexpr = G * BITS // 8
         base = r * row_bytes + j * CB
+        P: tl.constexpr = G // H
         if BITS == 8:
-            kb = tl.arange(0, G)
-            q = tl.load(buf_ptr + base[:, None] + kb[None, :], mask=gmask[:, None], other=0).to(tl.int32)
+            q = tl.load(buf_ptr + _e(base) + _parts(H, P), mask=_e(gmask), other=0).to(tl.int32)
         else:
-            kb = tl.arange(0, G // 2)
-            b = tl.load(buf_ptr + base[:, None] + kb[None, :], mask=gmask[:, None], other=0).to(tl.int32)
-            q = tl.reshape(tl.join(b & 15, b >> 4), [GB, G])
+            b = tl.load(buf_ptr + _e(base) + _parts(H, P // 2), mask=_e(gmask), other=0).to(tl.int32)
+            q = tl.reshape(tl.join(b & 15, b >> 4), [H, GB, P])
         mrow = r * row_meta + j
         s = tl.load(meta_ptr + mrow + scale_m, mask=gmask, other=0.0).to(tl.float32)
         m = tl.load(meta_ptr + mrow + min_m, mask=gmask, other=0.0).to(tl.float32)
-        y = q.to(tl.float32) * s[:, None] + m[:, None]
+        y = q.to(tl.float32) * _e(s) + _e(m)
         if SPIKE:
-            kk = tl.arange(0, G)[None, :]
+            kk = _parts(H, P)
             irow = r * row_idx + j
             lo = tl.load(meta_ptr + mrow + lo_m, mask=gmask, other=0.0).to(tl.float32)
             hi = tl.load(meta_ptr + mrow + hi_m, mask=gmask, other=0.0).to(tl.float32)
             i_lo = tl.load(idx_ptr + irow + ilo_i, mask=gmask, other=-1).to(tl.int32)
             i_hi = tl.load(idx_ptr + irow + ihi_i, mask=gmask, other=-1).to(tl.int32)
-            y = tl.where(kk == i_lo[:, None], lo[:, None], y)
-            y = tl.where(kk == i_hi[:, None], hi[:, None], y)
+            y = tl.where(kk == _e(i_lo), _e(lo), y)
+            y = tl.where(kk == _e(i_hi), _e(hi), y)
         return y
 
-    @triton.jit
-    def _quant_kernel(x_ptr, buf_ptr, meta_ptr, idx_ptr, n_valid, n_groups, gpr,
-                      row_bytes, row_meta, scale_m, min_m, lo_m, hi_m, row_idx, ilo_i, ihi_i,
-                      G: tl.constexpr, GB: tl.constexpr, BITS: tl.constexpr, SPIKE: tl.constexpr):
-        g = tl.program_id(0) * GB + tl.arange(0, GB)
-        gmask = g < n_groups
-        g = tl.cast(g, tl.int64)
-        r, j = g // gpr, g % gpr
-        k = tl.arange(0, G)
-        offs = g[:, None] * G + k[None, :]
-        valid = gmask[:, None] & (offs < n_valid)
-        x = tl.load(x_ptr + offs, mask=valid, other=0.0).to(tl.float32)
-        q, mn_r, s_r, lo_r, hi_r, i_lo, i_hi, bad = _quant_tile(
-            x, valid, k, meta_ptr.dtype.element_ty, (1 << BITS) - 1, G, SPIKE)
-        _store_tile(buf_ptr, meta_ptr, idx_ptr, q, mn_r, s_r, lo_r, hi_r, i_lo, i_hi, bad, r, j, gmask,
-                    row_bytes, row_meta, scale_m, min_m, lo_m, hi_m, row_idx, ilo_i, ihi_i, G, GB, BITS, SPIKE)
+    # Tiles: a program owns VALS consecutive values = GB = VALS // G whole groups. Group and in-tile
+    # indices are int32 (a message has < 2**31 groups); the program's first value is a scalar int64
+    # (messages past 2**31 values), added to the pointer once. WHOLE (a constexpr the launcher sets):
+    # the message is a whole number of groups, so the only mask left is per group (``gmask``,
+    # constant along a group, which keeps the 16-byte vector accesses); size_key is the autotuner's
+    # size bucket only (not specialized, so it never causes a recompile).
 
-    @triton.jit
-    def _dequant_kernel(buf_ptr, meta_ptr, idx_ptr, out_ptr, n_out, n_groups, gpr, rows,
+    @triton.jit(do_not_specialize=["size_key"])
+    def _quant_kernel(x_ptr, buf_ptr, meta_ptr, idx_ptr, n_valid, n_groups, gpr, size_key,
+                      row_bytes, row_meta, scale_m, min_m, lo_m, hi_m, row_idx, ilo_i, ihi_i,
+                      G: tl.constexpr, BITS: tl.constexpr, SPIKE: tl.constexpr, WHOLE: tl.constexpr,
+                      VALS: tl.constexpr, HP: tl.constexpr):
+        GB: tl.constexpr = VALS // G
+        H: tl.constexpr = HP if HP < G // 32 else G // 32  # parts of >= 32 values
+        pid = tl.program_id(0)
+        i = tl.arange(0, GB)
+        g = pid * GB + i
+        gmask = g < n_groups
+        r = g // gpr
+        kk = _parts(H, G // H)
+        tile = _e(i) * G + kk
+        start = tl.cast(pid, tl.int64) * VALS
+        valid = _e(gmask)
+        if not WHOLE:
+            valid = valid & (tile < tl.cast(tl.minimum(n_valid - start, VALS), tl.int32))
+        x = tl.load(x_ptr + start + tile, mask=valid, other=0.0).to(tl.float32)
+        q, mn_r, s_r, lo_r, hi_r, i_lo, i_hi, bad = _quant_tile(
+            x, valid, kk, meta_ptr.dtype.element_ty, (1 << BITS) - 1, G, SPIKE, not WHOLE)
+        _store_tile(buf_ptr, meta_ptr, idx_ptr, q, mn_r, s_r, lo_r, hi_r, i_lo, i_hi, bad,
+                    tl.cast(r, tl.int64), g - r * gpr, gmask,
+                    row_bytes, row_meta, scale_m, min_m, lo_m, hi_m, row_idx, ilo_i, ihi_i, G, GB, H, BITS, SPIKE)
+
+    @triton.jit(do_not_specialize=["size_key"])
+    def _dequant_kernel(buf_ptr, meta_ptr, idx_ptr, out_ptr, n_out, n_groups, gpr, rows, size_key,
                         row_bytes, row_meta, scale_m, min_m, lo_m, hi_m, row_idx, ilo_i, ihi_i,
-                        G: tl.constexpr, GB: tl.constexpr, BITS: tl.constexpr, SPIKE: tl.constexpr,
-                        REDUCE: tl.constexpr):
-        g = tl.program_id(0) * GB + tl.arange(0, GB)
-        k = tl.arange(0, G)
+                        G: tl.constexpr, BITS: tl.constexpr, SPIKE: tl.constexpr, REDUCE: tl.constexpr,
+                        WHOLE: tl.constexpr, VALS: tl.constexpr, HP: tl.constexpr):
+        GB: tl.constexpr = VALS // G
+        H: tl.constexpr = HP if HP < G // 32 else G // 32  # parts of >= 32 values
+        pid = tl.program_id(0)
+        i = tl.arange(0, GB)
+        g = pid * GB + i
+        tile = _e(i) * G + _parts(H, G // H)
+        start = tl.cast(pid, tl.int64) * VALS
         if REDUCE:  # g indexes groups of one row; sum that group over every row in fp32
             gmask = g < gpr
-            j = tl.cast(g, tl.int64)
-            acc = tl.zeros([GB, G], dtype=tl.float32)
+            acc = tl.zeros([H, GB, G // H], dtype=tl.float32)
             for r in range(0, rows):
-                acc += _decode_tile(buf_ptr, meta_ptr, idx_ptr, tl.cast(r, tl.int64), j, gmask,
+                acc += _decode_tile(buf_ptr, meta_ptr, idx_ptr, tl.cast(r, tl.int64), g, gmask,
                                     row_bytes, row_meta, scale_m, min_m, lo_m, hi_m, row_idx, ilo_i, ihi_i,
-                                    G, GB, BITS, SPIKE)
-            offs = j[:, None] * G + k[None, :]
+                                    G, GB, H, BITS, SPIKE)
         else:
             gmask = g < n_groups
-            g = tl.cast(g, tl.int64)
-            acc = _decode_tile(buf_ptr, meta_ptr, idx_ptr, g // gpr, g % gpr, gmask,
+            r = g // gpr
+            acc = _decode_tile(buf_ptr, meta_ptr, idx_ptr, tl.cast(r, tl.int64), g - r * gpr, gmask,
                                row_bytes, row_meta, scale_m, min_m, lo_m, hi_m, row_idx, ilo_i, ihi_i,
-                               G, GB, BITS, SPIKE)
-            offs = g[:, None] * G + k[None, :]
-        tl.store(out_ptr + offs, acc.to(out_ptr.dtype.element_ty), mask=gmask[:, None] & (offs < n_out))
+                               G, GB, H, BITS, SPIKE)
+        smask = _e(gmask)
+        if not WHOLE:
+            smask = smask & (tile < tl.cast(tl.minimum(n_out - start, VALS), tl.int32))
+        tl.store(out_ptr + start + tile, acc.to(out_ptr.dtype.element_ty), mask=smask)
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["size_key"])
     def _reduce_requant_kernel(
-            buf_ptr, meta_ptr, idx_ptr, rows, gpr,
+            buf_ptr, meta_ptr, idx_ptr, rows, gpr, size_key,
             row_bytes, row_meta, scale_m, min_m, lo_m, hi_m, row_idx, ilo_i, ihi_i,
             obuf_ptr, ometa_ptr, oidx_ptr, n_valid,
             orow_bytes, orow_meta, oscale_m, omin_m, olo_m, ohi_m, orow_idx, oilo_i, oihi_i,
-            G: tl.constexpr, GB: tl.constexpr, BITS: tl.constexpr, SPIKE: tl.constexpr,
-            OBITS: tl.constexpr, OSPIKE: tl.constexpr):
+            G: tl.constexpr, BITS: tl.constexpr, SPIKE: tl.constexpr,
+            OBITS: tl.constexpr, OSPIKE: tl.constexpr, WHOLE: tl.constexpr, VALS: tl.constexpr,
+            HP: tl.constexpr):
         # The all-reduce's middle step in one pass: the fp32 sum never leaves registers.
-        g = tl.program_id(0) * GB + tl.arange(0, GB)
+        GB: tl.constexpr = VALS // G
+        H: tl.constexpr = HP if HP < G // 32 else G // 32  # parts of >= 32 values
+        pid = tl.program_id(0)
+        i = tl.arange(0, GB)
+        g = pid * GB + i
         gmask = g < gpr
-        j = tl.cast(g, tl.int64)
-        k = tl.arange(0, G)
-        acc = tl.zeros([GB, G], dtype=tl.float32)
+        kk = _parts(H, G // H)
+        acc = tl.zeros([H, GB, G // H], dtype=tl.float32)
         for r in range(0, rows):
-            acc += _decode_tile(buf_ptr, meta_ptr, idx_ptr, tl.cast(r, tl.int64), j, gmask,
+            acc += _decode_tile(buf_ptr, meta_ptr, idx_ptr, tl.cast(r, tl.int64), g, gmask,
                                 row_bytes, row_meta, scale_m, min_m, lo_m, hi_m, row_idx, ilo_i, ihi_i,
-                                G, GB, BITS, SPIKE)
-        valid = gmask[:, None] & ((j[:, None] * G + k[None, :]) < n_valid)
+                                G, GB, H, BITS, SPIKE)
+        valid = _e(gmask)
+        if not WHOLE:
+            start = tl.cast(pid, tl.int64) * VALS
+            tile = _e(i) * G + kk
+            valid = valid & (tile < tl.cast(tl.minimum(n_valid - start, VALS), tl.int32))
         q, mn_r, s_r, lo_r, hi_r, i_lo, i_hi, bad = _quant_tile(
-            acc, valid, k, ometa_ptr.dtype.element_ty, (1 << OBITS) - 1, G, OSPIKE)
-        _store_tile(obuf_ptr, ometa_ptr, oidx_ptr, q, mn_r, s_r, lo_r, hi_r, i_lo, i_hi, bad, j * 0, j, gmask,
+            acc, valid, kk, ometa_ptr.dtype.element_ty, (1 << OBITS) - 1, G, OSPIKE, not WHOLE)
+        _store_tile(obuf_ptr, ometa_ptr, oidx_ptr, q, mn_r, s_r, lo_r, hi_r, i_lo, i_hi, bad,
+                    tl.zeros_like(g).to(tl.int64), g, gmask,
                     orow_bytes, orow_meta, oscale_m, omin_m, olo_m, ohi_m, orow_idx, oilo_i, oihi_i,
-                    G, GB, OBITS, OSPIKE)
+                    G, GB, H, OBITS, OSPIKE)
+
+    # Every launch goes through the autotuner (one tile per size bucket, chosen on the GPU on first
+    # use). Re-running a launch, as the autotuner does while timing, is harmless: the three kernels
+    # read only their inputs and write outputs they never read (dequantize may write over the
+    # all-reduce's input, which quantize has already consumed), so every run leaves the same bytes.
+    # Every config produces the same bytes (tests/ops/test_quant.py), so ranks that happen to tune
+    # to different tiles still agree.
+    _quant_tuned = autotune(_tune_configs(), key=["size_key", "G", "BITS", "SPIKE", "WHOLE"])(_quant_kernel)
+    _dequant_tuned = autotune(_tune_configs(), key=["size_key", "G", "BITS", "SPIKE", "REDUCE", "WHOLE"])(
+        _dequant_kernel)
+    _reduce_requant_tuned = autotune(_tune_configs(), key=["size_key", "G", "BITS", "SPIKE", "OBITS", "OSPIKE",
+                                                            "WHOLE"])(_reduce_requant_kernel)
 
 
 # ----------------------------------------------------------------------------- host launchers
 
-def _groups_per_program(group_size: int, n_groups: int) -> int:
-    # 1K values a program with 4 warps = 8 values (16 B of bf16) a thread: one vector load each,
-    # and 72-117 registers on sm_90 (ptxas, Triton 3.9) so several blocks fit an SM; 2K values
-    # took 140-235 registers. Never more groups than exist (fewer interpreter programs on CPU).
-    gb = max(1, 1024 // group_size)
-    return max(1, min(gb, triton.next_power_of_2(max(1, n_groups))))
+def _bind(tuned, units: int, G: int, args: tuple, const: dict, config):
+    """``f(*lead)``: launch ``tuned`` on ``(*lead, *args, **const)`` over ``units`` groups.
+
+    ``config`` = (values per program, warps) launches that tile directly (tests, the sweep).
+    Otherwise the first call goes through the autotuner (which tunes once per size bucket for the
+    whole process) and then re-binds to the JIT kernel with the chosen config and a fixed grid, so
+    every later call is a ``BoundLaunch``: no autotuner key building or cache lookup per call,
+    and no argument binding once its replay is on (the all-reduce's plan relies on cheap launches).
+    """
+    def fixed(cfg):
+        return BoundLaunch(tuned.fn, (triton.cdiv(units, cfg.kwargs["VALS"] // G),), args,
+                           {**const, **cfg.all_kwargs()})
+
+    if config is not None:
+        return fixed(_config(*config))
+    chosen = []
+
+    def launch(*lead):
+        if chosen:
+            return chosen[0](*lead)
+        tuned[lambda m: (triton.cdiv(units, m["VALS"] // G),)](*lead, *args, **const)
+        chosen.append(fixed(tuned.best_config))
+
+    return launch
 
 
 def _layout_args(q: QTensor):
@@ -220,11 +362,12 @@ def new_qtensor(rows: int, layout: QuantLayout, device, numel: int) -> QTensor:
     return QTensor(torch.empty(rows, layout.row_bytes, dtype=torch.uint8, device=device), layout, numel)
 
 
-def quantize_launcher(layout: QuantLayout, rows: int, n_valid: int, out: QTensor):
+def quantize_launcher(layout: QuantLayout, rows: int, n_valid: int, out: QTensor, *, config=None):
     """``f(x)``: quantize the first ``n_valid`` values of contiguous ``x`` into ``out``.
 
     Grid, views, offsets and constexprs are computed here once, so a caller that quantizes many
     same-sized messages into one persistent buffer (the all-reduce) pays only the launch per call.
+    ``config``: a fixed ``(values per program, warps)`` from ``TUNE_CONFIGS`` instead of autotuning.
     """
     if not kernel_device_ok(out.data):
         def naive_path(x):
@@ -232,30 +375,30 @@ def quantize_launcher(layout: QuantLayout, rows: int, n_valid: int, out: QTensor
                                           spike_reserve=layout.spike_reserve, meta_dtype=layout.meta_dtype).data)
         return naive_path
     n_groups = rows * layout.groups
-    gb = _groups_per_program(layout.group_size, n_groups)
     ptrs, args = _layout_args(out)
-    kernel = _quant_kernel[(triton.cdiv(n_groups, gb),)]
-    tail = (*ptrs, n_valid, n_groups, layout.groups, *args)
-    meta = dict(G=layout.group_size, GB=gb, BITS=layout.bits, SPIKE=layout.spike_reserve, num_warps=4)
-    return lambda x: kernel(x.reshape(-1), *tail, **meta)
+    const = dict(G=layout.group_size, BITS=layout.bits, SPIKE=layout.spike_reserve,
+                 WHOLE=n_valid == n_groups * layout.group_size)
+    f = _bind(_quant_tuned, n_groups, layout.group_size,
+              (*ptrs, n_valid, n_groups, layout.groups, n_groups.bit_length(), *args), const, config)
+    return lambda x: f(x.reshape(-1))
 
 
-def dequantize_launcher(q: QTensor, *, reduce_rows: bool = False):
+def dequantize_launcher(q: QTensor, *, reduce_rows: bool = False, config=None):
     """``f(out)``: decode ``q`` into the flat ``out`` (``[q.numel]``, or ``[n]`` fp32 row sums)."""
     L = q.layout
     n_out = L.n if reduce_rows else q.numel
     if not kernel_device_ok(q.data):
         return lambda out: out.view(-1).copy_(naive.dequantize(q, reduce_rows=reduce_rows))
     n_groups = L.groups if reduce_rows else q.rows * L.groups
-    gb = _groups_per_program(L.group_size, n_groups)
     ptrs, args = _layout_args(q)
-    kernel = _dequant_kernel[(triton.cdiv(n_groups, gb),)]
-    tail = (n_out, n_groups, L.groups, q.rows, *args)
-    meta = dict(G=L.group_size, GB=gb, BITS=L.bits, SPIKE=L.spike_reserve, REDUCE=reduce_rows, num_warps=4)
-    return lambda out: kernel(*ptrs, out.view(-1), *tail, **meta)
+    const = dict(G=L.group_size, BITS=L.bits, SPIKE=L.spike_reserve, REDUCE=reduce_rows,
+                 WHOLE=n_out == n_groups * L.group_size)
+    f = _bind(_dequant_tuned, n_groups, L.group_size, (n_out, n_groups, L.groups, q.rows, n_groups.bit_length(),
+                                                       *args), const, config)
+    return lambda out: f(*ptrs, out.view(-1))
 
 
-def reduce_requantize_launcher(q: QTensor, out_layout: QuantLayout, n_valid: int, out: QTensor):
+def reduce_requantize_launcher(q: QTensor, out_layout: QuantLayout, n_valid: int, out: QTensor, *, config=None):
     """``f()``: sum the rows of ``q`` in fp32 and quantize the first ``n_valid`` sums into ``out``."""
     L = q.layout
     if out_layout.n != L.n or out_layout.group_size != L.group_size:
@@ -267,14 +410,12 @@ def reduce_requantize_launcher(q: QTensor, out_layout: QuantLayout, n_valid: int
                                           spike_reserve=out_layout.spike_reserve,
                                           meta_dtype=out_layout.meta_dtype).data)
         return naive_path
-    gb = _groups_per_program(L.group_size, L.groups)
     ptrs, args = _layout_args(q)
     optrs, oargs = _layout_args(out)
-    kernel = _reduce_requant_kernel[(triton.cdiv(L.groups, gb),)]
-    all_args = (*ptrs, q.rows, L.groups, *args, *optrs, n_valid, *oargs)
-    meta = dict(G=L.group_size, GB=gb, BITS=L.bits, SPIKE=L.spike_reserve,
-                OBITS=out_layout.bits, OSPIKE=out_layout.spike_reserve, num_warps=4)
-    return lambda: kernel(*all_args, **meta)
+    const = dict(G=L.group_size, BITS=L.bits, SPIKE=L.spike_reserve, OBITS=out_layout.bits,
+                 OSPIKE=out_layout.spike_reserve, WHOLE=n_valid == L.n)
+    return _bind(_reduce_requant_tuned, L.groups, L.group_size,
+                 (*ptrs, q.rows, L.groups, L.groups.bit_length(), *args, *optrs, n_valid, *oargs), const, config)
 
 
 def quantize_fwd(x: torch.Tensor, layout: QuantLayout, rows: int, n_valid: int, out: QTensor | None = None) -> QTensor:
