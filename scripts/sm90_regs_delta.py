@@ -3,7 +3,7 @@
 Usage: PYTHONPATH=src python scripts/sm90_regs_delta.py [SRC_ROOT] [intra,tsolve,fused,prep,state,o,inter,dqkg_intra]
 Compiles each forward kernel (chunk_intra / chunk_tsolve / chunk_prep / chunk_fwd_state /
 chunk_fwd_o; ``fused``: chunk_fwd_intra's per-chunk kernels at every FUSED option of
-chunk_fwd.intra_sweep_options) and the split dq/dk/dg backward (chunk_bwd_dqkg_inter / _intra) for every launch
+fwd_sweep_options.intra_sweep_options) and the split dq/dk/dg backward (chunk_bwd_dqkg_inter / _intra) for every launch
 option with the installed Triton's own ptxas (target cuda:90, 16-byte aligned pointers as the JIT
 specializes them; K = V = 128, BT = 64, bf16 inputs) and prints cuobjdump's REG / STACK.
 Estimates only: the H200 runs Triton 3.6, whose counts came out within a few registers of these;
@@ -23,6 +23,7 @@ sys.path.insert(0, sys.argv[1] if len(sys.argv) > 1 else "src")
 import catkit.ops.delta_rule.chunk_bwd as cb  # noqa: E402
 import catkit.ops.delta_rule.chunk_fwd as cf  # noqa: E402
 import catkit.ops.delta_rule.chunk_fwd_intra as ci  # noqa: E402
+import catkit.ops.delta_rule.fwd_sweep_options as fso  # noqa: E402
 
 H, K, V, BT, BK = 16, 128, 128, 64, 128
 # bf16 tensors on the bf16 path (P and vn included); every other pointer is fp32
@@ -56,7 +57,7 @@ def main():
                 # typed as a pointer here); scripts/sweep_delta_fwd_variants.py --regs covers the rest
                 STATE_BF16=0, KSPLIT=1, NATIVE=True, NSB=1, PREP_BF16=0, LEFT=1, DIAG=0, STORE_A=0,
                 OFF_PREC=os.environ.get("INV_PREC", "tf32x3"))
-    fused = [o for o in cf.intra_sweep_options(BK, K) if o.get("FUSED")]
+    fused = [o for o in fso.intra_sweep_options(BK, K) if o.get("FUSED")]
     kernels = (("intra", cf.chunk_intra_kernel, cf.intra_options(BK, K)),
                ("tsolve", cf.chunk_tsolve_kernel, [dict(num_warps=4), dict(num_warps=8)]),
                ("fused", ci.chunk_intra_fused_kernel, [o for o in fused if o["FUSED"] == 1]),

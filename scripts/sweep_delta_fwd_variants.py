@@ -1,8 +1,8 @@
 """Time the delta-rule forward kernels alone per variant x launch option: chunk_fwd_state (STATE_BF16
-x KSPLIT x PREFETCH x H_BF16 x BV/warps, ``chunk_fwd_state.state_sweep_options``), chunk_prep (NSB
-x PREP_BF16 x BKS/warps, ``chunk_fwd.prep_sweep_options``), chunk_fwd_o (BV/warps on an fp32 or a
+x KSPLIT x PREFETCH x H_BF16 x BV/warps, ``fwd_sweep_options.state_sweep_options``), chunk_prep (NSB
+x PREP_BF16 x BKS/warps, ``fwd_sweep_options.prep_sweep_options``), chunk_fwd_o (BV/warps on an fp32 or a
 bf16 h, ``o_sweep_options``), chunk_tsolve (warps) and chunk_intra + chunk_tsolve together against the per-chunk
-FUSED variants of chunk_fwd_intra.py (``chunk_fwd.intra_sweep_options``: FUSED 1 / 2 x DIAG 0 / 1 x BKS/warps).
+FUSED variants of chunk_fwd_intra.py (``fwd_sweep_options.intra_sweep_options``: FUSED 1 / 2 x DIAG 0 / 1 x BKS/warps).
 
 Usage (GPU): PYTHONUNBUFFERED=1 PYTHONPATH=src python3 scripts/sweep_delta_fwd_variants.py OUT_DIR
       (CPU):  PYTHONPATH=src SMALL=1 python3 scripts/sweep_delta_fwd_variants.py OUT_DIR   (or --small;
@@ -55,6 +55,7 @@ import triton  # noqa: E402
 import catkit.ops.delta_rule.chunk_fwd as cf  # noqa: E402
 import catkit.ops.delta_rule.chunk_fwd_intra as ci  # noqa: E402
 import catkit.ops.delta_rule.chunk_fwd_state as cs  # noqa: E402
+import catkit.ops.delta_rule.fwd_sweep_options as fso  # noqa: E402
 from catkit.bench.registry import time_cuda  # noqa: E402
 from catkit.ops.delta_rule import chunk_fg2_delta_rule  # noqa: E402
 from catkit.ops.delta_rule.naive import naive_fg2_delta_rule  # noqa: E402
@@ -153,9 +154,9 @@ def capture(x, cu):
 
 def option_lists():
     NHs = [B * H for _, B in SHAPES]
-    lists = dict(state=cs.state_sweep_options(D, NHs, torch.device(DEV)), prep=cf.prep_sweep_options(D, D),
-                 o=cf.o_sweep_options(D), tsolve=cf.tsolve_sweep_options(),
-                 intra=cf.intra_sweep_options(max(16, triton.next_power_of_2(D)), D))
+    lists = dict(state=fso.state_sweep_options(D, NHs, torch.device(DEV)), prep=fso.prep_sweep_options(D, D),
+                 o=fso.o_sweep_options(D), tsolve=fso.tsolve_sweep_options(),
+                 intra=fso.intra_sweep_options(max(16, triton.next_power_of_2(D)), D))
     lists = {n: v for n, v in lists.items() if n in ONLY}
     if SMALL:  # the interpreter ignores num_warps: one option per distinct computation
         for n, opts in lists.items():

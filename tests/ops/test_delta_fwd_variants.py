@@ -10,6 +10,7 @@ import torch.nn.functional as F
 
 import catkit.ops.delta_rule.chunk_fwd as cf
 import catkit.ops.delta_rule.chunk_fwd_state as cs
+import catkit.ops.delta_rule.fwd_sweep_options as fso
 from catkit.ops.delta_rule import chunk_fg2_delta_rule
 from catkit.ops.delta_rule.chunk import prepare_chunks
 from catkit.ops.delta_rule.naive import naive_fg2_delta_rule
@@ -96,16 +97,16 @@ def test_h_bf16_stores_bf16_states_for_bf16_inputs_only(seed, monkeypatch):
 
 def test_sweep_options_carry_the_default_first():
     dev = torch.device("cpu")
-    st = cs.state_sweep_options(128, [256, 16], dev)
+    st = fso.state_sweep_options(128, [256, 16], dev)
     assert st[0] == cs.state_options(128, 256, dev)[0]
     assert {(o.get("STATE_BF16", 0), o.get("KSPLIT", 1), o.get("H_BF16", 0)) for o in st} >= {
         (0, 1, 0), (1, 1, 1), (1, 2, 1), (0, 2, 1), (1, 1, 0)}
     assert not any(o["BV"] == 16 and o["num_warps"] == 8 for o in st[1:])  # see state_options
-    pr = cf.prep_sweep_options(128, 128)
+    pr = fso.prep_sweep_options(128, 128)
     assert pr[0] == cf.prep_options(128, 128)[0] and {(o.get("NSB", 1), o.get("PREP_BF16", 0)) for o in pr} >= {
         (1, 0), (4, 1), (4, 0), (1, 1)}
-    ob = cf.o_sweep_options(128)
-    assert ob[0] == cf.o_options(128)[0] and cf.tsolve_sweep_options()[0] == cf.tsolve_options()[0]
+    ob = fso.o_sweep_options(128)
+    assert ob[0] == cf.o_options(128)[0] and fso.tsolve_sweep_options()[0] == cf.tsolve_options()[0]
     for opts in (st, pr, ob):
         assert len(opts) == len({tuple(sorted(o.items())) for o in opts})
 

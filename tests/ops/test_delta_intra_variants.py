@@ -11,6 +11,7 @@ import triton.language as tl
 
 import catkit.ops.delta_rule.chunk_fwd as cf
 import catkit.ops.delta_rule.chunk_fwd_intra as ci
+import catkit.ops.delta_rule.fwd_sweep_options as fso
 from catkit.ops.delta_rule import chunk_fg2_delta_rule
 from catkit.ops.delta_rule.chunk import prepare_chunks
 from catkit.ops.delta_rule.naive import naive_fg2_delta_rule
@@ -26,24 +27,24 @@ def _variants(K, per_form=False):
     """One sweep option per distinct computation (the interpreter ignores num_warps), or with
     ``per_form`` the first (most promising) per (FUSED, DIAG)."""
     keep = {}
-    for o in cf.intra_sweep_options(max(16, triton.next_power_of_2(K)), K)[1:]:
+    for o in fso.intra_sweep_options(max(16, triton.next_power_of_2(K)), K)[1:]:
         key = (o["FUSED"], o["DIAG"]) + (() if per_form else (o["BKS"], o.get("DBKS"), o.get("SOLVE_TF32", 0)))
         keep.setdefault(key, o)
     return list(keep.values())
 
 
 def test_sweep_options_default_first_and_every_form():
-    opts = cf.intra_sweep_options(128, 128)
+    opts = fso.intra_sweep_options(128, 128)
     assert opts[0] == cf.intra_options(128, 128)[0] and not opts[0].get("FUSED")
     assert {(o.get("FUSED", 0), o.get("DIAG", 0)) for o in opts} == {(0, 0), (1, 0), (1, 1), (2, 0), (2, 1)}
     assert {(o.get("FUSED", 0), o.get("SOLVE_TF32", 0)) for o in opts} >= {(1, 1), (2, 1)}
     assert len(opts) == len({tuple(sorted(o.items())) for o in opts})
     # narrower K: no key block wider than the channels
-    assert all(o["BKS"] <= 32 and o.get("DBKS", 0) <= 32 for o in cf.intra_sweep_options(32, 32))
+    assert all(o["BKS"] <= 32 and o.get("DBKS", 0) <= 32 for o in fso.intra_sweep_options(32, 32))
 
 
 def test_intra_best_hook_goes_first(monkeypatch):
-    best = dict(cf.intra_sweep_options(128, 128)[-1])
+    best = dict(fso.intra_sweep_options(128, 128)[-1])
     monkeypatch.setattr(cf, "INTRA_BEST", best)
     assert cf.intra_options(128, 128)[0] == best
     monkeypatch.setattr(cf, "INTRA_BEST", dict(best, BKS=64))
@@ -149,7 +150,7 @@ def test_intermediates_match_default(seed, dtype, BT, decay):
     case = _case(dtype, BT, decay)
     opts = _variants(48, per_form=BT < 64)  # every key-block width at BT = 64
     if BT == 64:  # and the register caps (launch options; the interpreter must accept them)
-        opts.append(next(o for o in cf.intra_sweep_options(64, 48) if o.get("DMAXNREG")))
+        opts.append(next(o for o in fso.intra_sweep_options(64, 48) if o.get("DMAXNREG")))
     for opt in opts:
         errs = _check_intermediates(opt, case)
         print(opt, {n: f"{e:.1e}" for n, e in errs.items()})

@@ -192,34 +192,3 @@ def state_options(V, NH, dev):
         return best_first(STATE_BEST_FEW, sorted(opts, key=lambda o: (o["BV"], o["num_warps"])))
     return best_first(STATE_BEST, opts)
 
-
-def state_sweep_options(V, NHs, dev):
-    """Every option scripts/sweep_delta_fwd_variants.py times for the state pass: today's first
-    option at each grid size NH in ``NHs`` (full grid, few programs), then the variants, most
-    promising first. Never BV = 16 at 8 warps (the illegal memory access above would end the whole
-    sweep). Register estimates: scripts/sweep_delta_fwd_variants.py --regs."""
-    bv = lambda b: min(b, max(16, triton.next_power_of_2(V)))  # noqa: E731
-    opts = []
-    for nh in NHs:
-        o = state_options(V, nh, dev)[0]
-        if o not in opts:
-            opts.append(o)
-    st = opts[0]["num_stages"]
-    # (BV, num_warps, num_stages, PREFETCH, STATE_BF16, KSPLIT, H_BF16), ordered so that what may
-    # miscompile runs last: a CUDA error ends the sweep's process (it resumes with RESUME=1, but the
-    # device call may not have the time). First the fp32-operand products on a bf16 h (chunk_fwd_o
-    # on a bf16 h measured correct on an H100); then bf16 products at 2 and 4 warps with the state
-    # as two K/2 halves, fla's form for its own state pass; the pipelined loop (num_stages 2)
-    # instead of the manual PREFETCH; last 8 warps with bf16 products, whose first option
-    # (BV 32, KSPLIT 1, H_BF16) made an illegal memory access on an H100 (Triton 3.6).
-    for b, w, ns, p, sb, ks, hb in (
-            (32, 8, st, 0, 0, 1, 1), (16, 4, st, 1, 0, 1, 1), (32, 4, st, 0, 0, 2, 1), (64, 8, st, 0, 0, 2, 1),
-            (64, 4, st, 0, 1, 2, 1), (32, 4, st, 0, 1, 2, 1), (32, 2, st, 0, 1, 2, 1), (64, 2, st, 0, 1, 2, 1),
-            (32, 4, st, 0, 1, 1, 1), (16, 4, st, 1, 1, 1, 1), (16, 4, st, 1, 1, 2, 1), (32, 4, st, 1, 1, 2, 1),
-            (16, 2, st, 1, 1, 1, 1), (32, 4, 2, 0, 1, 2, 1), (64, 4, 2, 0, 1, 2, 1), (32, 2, 2, 0, 1, 2, 1),
-            (16, 4, 2, 0, 1, 1, 1), (32, 8, st, 0, 1, 1, 1), (64, 8, st, 0, 1, 2, 1), (32, 8, st, 0, 1, 2, 1),
-            (32, 8, st, 0, 1, 1, 0), (64, 4, st, 0, 1, 1, 1)):
-        o = dict(BV=bv(b), num_warps=w, num_stages=ns, PREFETCH=bool(p), STATE_BF16=sb, KSPLIT=ks, H_BF16=hb)
-        if o not in opts:
-            opts.append(o)
-    return opts
