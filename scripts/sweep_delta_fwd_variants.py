@@ -45,11 +45,9 @@ import time
 
 import torch
 
-SMALL = bool(os.environ.get("SMALL")) or "--small" in sys.argv
-if SMALL and not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
+# before triton: SMALL=1 without CUDA turns on the interpreter
+from delta_sweep_common import BOUND64, BOUND_DEFAULT, CHECK_LENS, D, DEV, H, SHAPES, SMALL, inputs
 
-import torch.nn.functional as F  # noqa: E402
 import triton  # noqa: E402
 
 import catkit.ops.delta_rule.chunk_fwd as cf  # noqa: E402
@@ -61,17 +59,8 @@ from catkit.ops.delta_rule import chunk_fg2_delta_rule  # noqa: E402
 from catkit.ops.delta_rule.naive import naive_fg2_delta_rule  # noqa: E402
 from catkit.utils.testing import rel_rms  # noqa: E402
 
-DEV = "cuda" if torch.cuda.is_available() else "cpu"
-if SMALL:
-    H, D, SHAPES, CHECK_LENS = 2, 32, [(128, 2), (256, 1)], [70, 45]
-else:
-    # the checks use the timing's H and D: kernel constants, so each option compiles once
-    H, D, SHAPES, CHECK_LENS = 16, 128, [(2048, 16), (32768, 1)], [300, 77, 1000]
 BUDGET_S = float(os.environ.get("BUDGET_S", "150"))
 NAMES = ("o", "ht", "q", "k", "v", "g", "bk")
-BOUND64 = {"*": 3e-2, "g": 6e-2}
-# vs the default option on the same inputs: reordered sums only / bf16-rounded operands or h
-BOUND_DEFAULT = {False: 1e-3, True: 3e-2}
 KERNELS = {"state": "chunk_fwd_state_kernel", "prep": "chunk_prep_kernel", "o": "chunk_fwd_o_kernel",
            "tsolve": "chunk_tsolve_kernel", "intra": "chunk_intra_kernel"}
 ONLY = [w for w in os.environ.get("ONLY", ",".join(KERNELS)).split(",") if w]
@@ -108,17 +97,6 @@ def intra_masks(P, BT):
 
 def kopt(opt):
     return {n: v for n, v in opt.items() if n != "H_BF16"}
-
-
-def inputs(lens, decay=1.0, seed=0, dtype=torch.bfloat16):
-    gen = torch.Generator(device=DEV).manual_seed(seed)
-    n = sum(lens)
-    r = lambda *s: torch.randn(*s, device=DEV, generator=gen)  # noqa: E731
-    x = dict(q=F.normalize(r(1, n, H, D), dim=-1).to(dtype), k=F.normalize(r(1, n, H, D), dim=-1).to(dtype),
-             v=r(1, n, H, D).to(dtype), g=F.logsigmoid(r(1, n, H, D) + 3.0) * decay,
-             bk=torch.sigmoid(r(1, n, H, D)).to(dtype))
-    cu = torch.tensor([0] + torch.tensor(lens).cumsum(0).tolist(), device=DEV, dtype=torch.int32)
-    return x, cu, r(1, n, H, D).to(dtype), r(len(lens), H, D, D)
 
 
 def fwd_bwd(fn, x, cu, do, dht):
