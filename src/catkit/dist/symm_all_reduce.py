@@ -72,7 +72,7 @@ if triton_available():
     import triton
     import triton.language as tl
 
-    from catkit.ops.quant.groupwise import _decode_tile, _e, _parts, _quant_tile, _store_tile
+    from catkit.ops.quant.groupwise import _e, _parts, _quant_tile, _store_tile, _sum_requant_tile
 else:  # pragma: no cover - non-Linux installs
     triton = None
 
@@ -168,28 +168,18 @@ if triton is not None:
             G: tl.constexpr, BITS: tl.constexpr, SPIKE: tl.constexpr, OBITS: tl.constexpr,
             OSPIKE: tl.constexpr, OMETA16: tl.constexpr, WHOLE: tl.constexpr, W: tl.constexpr,
             VALS: tl.constexpr, HP: tl.constexpr):
-        # _reduce_requant_kernel's body (same decode, same fp32 sum over rows 0..W-1 from zero,
-        # same re-quantization), then the row is stored W times: into every peer's gather row
-        # ``rank`` (its own included), instead of once into a local buffer for an all-gather.
+        # _reduce_requant_kernel's step (the shared _sum_requant_tile: same decode, same fp32 sum
+        # over rows 0..W-1 from zero, same re-quantization), then the row is stored W times: into
+        # every peer's gather row ``rank`` (its own included), instead of once into a local buffer
+        # for an all-gather.
         GB: tl.constexpr = VALS // G
         H: tl.constexpr = HP if HP < G // 32 else G // 32  # parts of >= 32 values
-        pid = tl.program_id(0)
-        i = tl.arange(0, GB)
-        g = pid * GB + i
+        g = tl.program_id(0) * GB + tl.arange(0, GB)
         gmask = g < gpr
-        kk = _parts(H, G // H)
-        acc = tl.zeros([H, GB, G // H], dtype=tl.float32)
-        for r in range(0, W):
-            acc += _decode_tile(buf_ptr, meta_ptr, idx_ptr, tl.cast(r, tl.int64), g, gmask,
-                                row_bytes, row_meta, scale_m, min_m, lo_m, hi_m, row_idx, ilo_i, ihi_i,
-                                G, GB, H, BITS, SPIKE)
-        valid = _e(gmask)
-        if not WHOLE:
-            start = tl.cast(pid, tl.int64) * VALS
-            tile = _e(i) * G + kk
-            valid = valid & (tile < tl.cast(tl.minimum(n_valid - start, VALS), tl.int32))
-        q, mn_r, s_r, lo_r, hi_r, i_lo, i_hi, bad = _quant_tile(
-            acc, valid, kk, _meta_view(O0, OMETA16).dtype.element_ty, (1 << OBITS) - 1, G, OSPIKE, not WHOLE)
+        q, mn_r, s_r, lo_r, hi_r, i_lo, i_hi, bad = _sum_requant_tile(
+            buf_ptr, meta_ptr, idx_ptr, W, g, gmask, n_valid, row_bytes, row_meta, scale_m, min_m, lo_m, hi_m,
+            row_idx, ilo_i, ihi_i, _meta_view(O0, OMETA16).dtype.element_ty, G, GB, H, BITS, SPIKE, OBITS, OSPIKE,
+            WHOLE, VALS)
         rows = tl.zeros_like(g).to(tl.int64) + rank
         for p in tl.static_range(W):
             dst = _pick(p, O0, O1, O2, O3, O4, O5, O6, O7, W)

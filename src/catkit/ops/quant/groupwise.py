@@ -270,6 +270,29 @@ if triton is not None:
             smask = smask & (tile < tl.cast(tl.minimum(n_out - start, VALS), tl.int32))
         tl.store(out_ptr + start + tile, acc.to(out_ptr.dtype.element_ty), mask=smask)
 
+    @triton.jit
+    def _sum_requant_tile(buf_ptr, meta_ptr, idx_ptr, rows, g, gmask, n_valid,
+                          row_bytes, row_meta, scale_m, min_m, lo_m, hi_m, row_idx, ilo_i, ihi_i,
+                          OMETA: tl.constexpr, G: tl.constexpr, GB: tl.constexpr, H: tl.constexpr,
+                          BITS: tl.constexpr, SPIKE: tl.constexpr, OBITS: tl.constexpr, OSPIKE: tl.constexpr,
+                          WHOLE: tl.constexpr, VALS: tl.constexpr):
+        """The all-reduce's middle step for this program's groups ``g``: decode them in rows 0..rows-1,
+        sum in fp32 (from zero, in row order) and quantize the sum to OBITS; returns _quant_tile's
+        outputs. One body for _reduce_requant_kernel and the symmetric-memory transport's reduce
+        kernel (catkit.dist.symm_all_reduce), so the two paths stay bit for bit alike."""
+        kk = _parts(H, G // H)
+        acc = tl.zeros([H, GB, G // H], dtype=tl.float32)
+        for r in range(0, rows):
+            acc += _decode_tile(buf_ptr, meta_ptr, idx_ptr, tl.cast(r, tl.int64), g, gmask,
+                                row_bytes, row_meta, scale_m, min_m, lo_m, hi_m, row_idx, ilo_i, ihi_i,
+                                G, GB, H, BITS, SPIKE)
+        valid = _e(gmask)
+        if not WHOLE:
+            start = tl.cast(tl.program_id(0), tl.int64) * VALS
+            tile = _e(tl.arange(0, GB)) * G + kk
+            valid = valid & (tile < tl.cast(tl.minimum(n_valid - start, VALS), tl.int32))
+        return _quant_tile(acc, valid, kk, OMETA, (1 << OBITS) - 1, G, OSPIKE, not WHOLE)
+
     @triton.jit(do_not_specialize=["size_key"])
     def _reduce_requant_kernel(
             buf_ptr, meta_ptr, idx_ptr, rows, gpr, size_key,
@@ -282,23 +305,11 @@ if triton is not None:
         # The all-reduce's middle step in one pass: the fp32 sum never leaves registers.
         GB: tl.constexpr = VALS // G
         H: tl.constexpr = HP if HP < G // 32 else G // 32  # parts of >= 32 values
-        pid = tl.program_id(0)
-        i = tl.arange(0, GB)
-        g = pid * GB + i
+        g = tl.program_id(0) * GB + tl.arange(0, GB)
         gmask = g < gpr
-        kk = _parts(H, G // H)
-        acc = tl.zeros([H, GB, G // H], dtype=tl.float32)
-        for r in range(0, rows):
-            acc += _decode_tile(buf_ptr, meta_ptr, idx_ptr, tl.cast(r, tl.int64), g, gmask,
-                                row_bytes, row_meta, scale_m, min_m, lo_m, hi_m, row_idx, ilo_i, ihi_i,
-                                G, GB, H, BITS, SPIKE)
-        valid = _e(gmask)
-        if not WHOLE:
-            start = tl.cast(pid, tl.int64) * VALS
-            tile = _e(i) * G + kk
-            valid = valid & (tile < tl.cast(tl.minimum(n_valid - start, VALS), tl.int32))
-        q, mn_r, s_r, lo_r, hi_r, i_lo, i_hi, bad = _quant_tile(
-            acc, valid, kk, ometa_ptr.dtype.element_ty, (1 << OBITS) - 1, G, OSPIKE, not WHOLE)
+        q, mn_r, s_r, lo_r, hi_r, i_lo, i_hi, bad = _sum_requant_tile(
+            buf_ptr, meta_ptr, idx_ptr, rows, g, gmask, n_valid, row_bytes, row_meta, scale_m, min_m, lo_m, hi_m,
+            row_idx, ilo_i, ihi_i, ometa_ptr.dtype.element_ty, G, GB, H, BITS, SPIKE, OBITS, OSPIKE, WHOLE, VALS)
         _store_tile(obuf_ptr, ometa_ptr, oidx_ptr, q, mn_r, s_r, lo_r, hi_r, i_lo, i_hi, bad,
                     tl.zeros_like(g).to(tl.int64), g, gmask,
                     orow_bytes, orow_meta, oscale_m, omin_m, olo_m, ohi_m, orow_idx, oilo_i, oihi_i,
