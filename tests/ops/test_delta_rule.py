@@ -240,6 +240,28 @@ def test_bad_inputs():
         f(q, k.half(), v, g, bk, bv)
 
 
+
+@pytest.mark.parametrize("dev", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_rate_range_checked_by_the_scaling_kernel(seed, dev):
+    """The (0, 1] check runs inside scaled_kv's kernel (no separate pass): every entry point names
+    the offending rate, NaN included, and valid rates pass."""
+    if dev == "cuda" and not torch.cuda.is_available():
+        pytest.skip("gpu test: no CUDA device on this machine")
+    x = _inputs(1, 40, 2, 16, 16, h0=False)
+    q, k, v, g, bk, bv = (x[n].detach().to(dev) for n in ("q", "k", "v", "g", "bk", "bv"))
+    with pytest.raises(ValueError, match="^bk: rates"):
+        chunk_fg2_delta_rule(q, k, v, g, bk.masked_fill(bk > bk.median(), float("nan")), bv)
+    with pytest.raises(ValueError, match="^bv: rates"):
+        chunk_fg2_delta_rule(q, k, v, g, bk, bv * 0.0)
+    with pytest.raises(ValueError, match="^bk: rates"):
+        chunk_fg2_delta_rule(q, k, v, g, bk + 1.0)  # coupled: bk scales v too
+    with pytest.raises(ValueError, match="^beta: rates"):
+        chunk_gated_delta_rule(q, k, v, g[..., 0], bk[..., 0] + 1.0)
+    with pytest.raises(ValueError, match="^bk: rates"):
+        fused_recurrent_fg2_delta_rule(q, k, v, g, -bk, bv)
+    o, _ = chunk_fg2_delta_rule(q, k, v, g, bk, bv)
+    assert torch.isfinite(o).all()
+
 @pytest.mark.gpu
 def test_gpu_bf16_large_vs_fp32_reference(seed):
     """B=4, T=4096, H=16, K=V=128, bf16, forward and every gradient.

@@ -15,7 +15,6 @@ initial state.
 from __future__ import annotations
 
 import torch
-import triton
 
 from catkit.ops.delta_rule.chunk_bwd import chunk_bwd
 from catkit.ops.delta_rule.chunk_fwd import chunk_fwd
@@ -77,9 +76,7 @@ def validate(q, k, v, g, bk, bv, scale, initial_state, cu_seqlens, *, need_squar
         check_tensor(nv, bv, ndim=4, dtypes=_FLOATS, device=q.device)
         if tuple(bv.shape) != (B, T, H, V):
             raise ValueError(f"{nv}: expected shape {(B, T, H, V)}, got {tuple(bv.shape)}")
-    for name, r in ((nb, bk), (nv, bv)):
-        if r is not None and not bool(((r > 0) & (r <= 1)).all()):
-            raise ValueError(f"{name}: rates must lie in (0, 1]")
+    # the rates' range, (0, 1], is checked by scaled_kv's kernel, which reads them anyway
     if scale is not None and not (isinstance(scale, (int, float)) and scale > 0):
         raise ValueError(f"scale: expected a positive number, got {scale!r}")
     N = B
@@ -205,7 +202,7 @@ def _beta_entry(q, k, v, g, beta, scale, initial_state, output_final_state, cu_s
     if g_ndim is not None and g.dim() != g_ndim:
         raise ValueError(f"g: expected {g_ndim} dims for this variant, got shape {tuple(g.shape)}")
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
-    kt, vt = scaled_kv(k, v, beta, None)
+    kt, vt = scaled_kv(k, v, beta, None, names=("beta", "beta"))
     return ChunkDeltaRuleFunction.apply(q, kt, vt, g, scale, initial_state, output_final_state,
                                         cu_seqlens, chunk_size)
 

@@ -28,7 +28,7 @@ import torch
 import triton
 import triton.language as tl
 
-from catkit.ops.delta_rule.chunk_fwd import (_mm, _seq_bounds, _stages, kblock_options, launch, precisions,
+from catkit.ops.delta_rule.chunk_fwd import (_mm, _seq_bounds, _stages, launch, precisions,
                                              vtile_options)
 # one bf16-rounding product helper and one hook-ordering helper for the forward and the backward
 from catkit.ops.delta_rule.chunk_fwd_state import _mm_rnd, best_first

@@ -529,10 +529,3 @@ def prep_options(K, V):
     return best_first(PREP_BEST, [dict(BKS=b, num_warps=w, num_stages=st) for st in _stages()
                                   for b in sorted({top, 16}, reverse=True) for w in (4, 8)],
                       max(16, triton.next_power_of_2(max(K, V))))
-
-
-def kblock_options(BK, K):
-    """(BKS, NK, num_warps, num_stages) to try for kernels that walk K in blocks."""
-    top = min(32, BK)
-    return [dict(BKS=b, NK=triton.cdiv(K, b), num_warps=w, num_stages=st) for st in _stages()
-            for b in sorted({top, 16}, reverse=True) for w in (8, 4)]

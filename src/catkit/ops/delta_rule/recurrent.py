@@ -118,6 +118,6 @@ def fused_recurrent_gated_delta_rule(q, k, v, g, beta, *, scale=None, initial_st
     if beta.dim() != 3:
         raise ValueError(f"beta: expected a scalar rate per token and head, shape {tuple(q.shape[:3])}")
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
-    kt, vt = scaled_kv(k, v, beta, None)
+    kt, vt = scaled_kv(k, v, beta, None, names=("beta", "beta"))
     return FusedRecurrentFunction.apply(q, kt, vt, g, scale, initial_state, output_final_state,
                                         cu_seqlens)

@@ -18,24 +18,35 @@ _BR = 16  # rows (token-head pairs) per program
 
 
 @triton.jit
-def scale_fwd_kernel(x, r, y, NR, D: tl.constexpr, BD: tl.constexpr, BR: tl.constexpr,
-                     R_ROW: tl.constexpr):
+def scale_fwd_kernel(x, r, y, bad, NR, D: tl.constexpr, BD: tl.constexpr, BR: tl.constexpr,
+                     R_ROW: tl.constexpr, CHECK: tl.constexpr):
+    # CHECK: count the rates outside (0, 1] (NaN included) into ``bad``, as this pass reads them
+    # anyway: the range check costs no extra pass over the rates
     rows = tl.program_id(0) * BR + tl.arange(0, BR)
     cd = tl.arange(0, BD)
     m = (rows < NR)[:, None] & (cd < D)[None, :]
     off = rows[:, None] * D + cd[None, :]
     b_x = tl.load(x + off, mask=m, other=0.0).to(tl.float32)
     if R_ROW:
-        b_s = tl.sqrt(tl.load(r + rows, mask=rows < NR, other=1.0).to(tl.float32))[:, None]
+        b_r = tl.load(r + rows, mask=rows < NR, other=1.0).to(tl.float32)
+        b_s = tl.sqrt(tl.maximum(b_r, 0.0))[:, None]  # (a negative rate raises after this pass)
+        n_bad = tl.sum(tl.where((b_r > 0.0) & (b_r <= 1.0), 0, 1), axis=0)
     else:
-        b_s = tl.sqrt(tl.load(r + off, mask=m, other=1.0).to(tl.float32))
+        b_r = tl.load(r + off, mask=m, other=1.0).to(tl.float32)
+        b_s = tl.sqrt(tl.maximum(b_r, 0.0))
+        n_bad = tl.sum(tl.sum(tl.where((b_r > 0.0) & (b_r <= 1.0), 0, 1), axis=1), axis=0)
+    if CHECK:
+        if n_bad > 0:
+            tl.atomic_add(bad, n_bad)
     tl.store(y + off, (b_x * b_s).to(y.dtype.element_ty), mask=m)
 
 
 @triton.jit
-def scale_bwd_kernel(x, r, dy, dx, dr, NR, D: tl.constexpr, BD: tl.constexpr, BR: tl.constexpr,
+def scale_bwd_kernel(x, r, dy, dx, dr, dr_out, NR, D: tl.constexpr, BD: tl.constexpr, BR: tl.constexpr,
                      R_ROW: tl.constexpr, ACC: tl.constexpr):
-    # ACC: dr already holds the other tensor's contribution (fp32), add to it
+    # ACC: dr already holds the other tensor's contribution (fp32), add to it. The result goes to
+    # dr_out: dr itself, or (last contribution) the rate's gradient in its own dtype, which saves
+    # a conversion pass over it
     rows = tl.program_id(0) * BR + tl.arange(0, BR)
     cd = tl.arange(0, BD)
     mr = rows < NR
@@ -49,48 +60,57 @@ def scale_bwd_kernel(x, r, dy, dx, dr, NR, D: tl.constexpr, BD: tl.constexpr, BR
         b_dr = tl.sum(b_dy * b_x, axis=1) * 0.5 / b_s
         if ACC:
             b_dr += tl.load(dr + rows, mask=mr, other=0.0)
-        tl.store(dr + rows, b_dr, mask=mr)
+        tl.store(dr_out + rows, b_dr.to(dr_out.dtype.element_ty), mask=mr)
     else:
         b_s = tl.sqrt(tl.load(r + off, mask=m, other=1.0).to(tl.float32))
         tl.store(dx + off, (b_dy * b_s).to(dx.dtype.element_ty), mask=m)
         b_dr = b_dy * b_x * 0.5 / b_s
         if ACC:
             b_dr += tl.load(dr + off, mask=m, other=0.0)
-        tl.store(dr + off, b_dr, mask=m)
+        tl.store(dr_out + off, b_dr.to(dr_out.dtype.element_ty), mask=m)
 
 
-def _launch_fwd(x, r):
+def _launch_fwd(x, r, bad=None):
+    """sqrt(r) * x; with ``bad`` (an int32 counter) also count the rates outside (0, 1] into it."""
     D = x.shape[-1]
     NR = x.numel() // D
     y = torch.empty_like(x)
-    scale_fwd_kernel[(triton.cdiv(NR, _BR),)](x, r, y, NR, D=D, BD=triton.next_power_of_2(D), BR=_BR,
-                                              R_ROW=r.dim() == x.dim() - 1, num_warps=4)
+    scale_fwd_kernel[(triton.cdiv(NR, _BR),)](x, r, y, y if bad is None else bad, NR, D=D,
+                                              BD=triton.next_power_of_2(D), BR=_BR,
+                                              R_ROW=r.dim() == x.dim() - 1, CHECK=bad is not None, num_warps=4)
     return y
 
 
-def _launch_bwd(x, r, dy, dr):
-    """dx (x's dtype); accumulates d rate into the fp32 ``dr`` (None: a fresh one)."""
+def _launch_bwd(x, r, dy, dr, out_dtype=torch.float32):
+    """dx (x's dtype) and d rate: accumulated onto the fp32 ``dr`` (None: a fresh one), returned
+    in ``out_dtype`` (fp32 while another contribution is still to come)."""
     D = x.shape[-1]
     NR = x.numel() // D
     dx = torch.empty_like(x)
     acc = dr is not None
     if dr is None:
         dr = torch.empty(r.shape, device=r.device, dtype=torch.float32)
-    scale_bwd_kernel[(triton.cdiv(NR, _BR),)](x, r, dy.contiguous(), dx, dr, NR, D=D,
+    dr_out = dr if out_dtype == torch.float32 else torch.empty(r.shape, device=r.device, dtype=out_dtype)
+    scale_bwd_kernel[(triton.cdiv(NR, _BR),)](x, r, dy.contiguous(), dx, dr, dr_out, NR, D=D,
                                               BD=triton.next_power_of_2(D), BR=_BR,
                                               R_ROW=r.dim() == x.dim() - 1, ACC=acc, num_warps=4)
-    return dx, dr
+    return dx, dr_out
 
 
 class ScaledKV(torch.autograd.Function):
-    """(k, v, bk, bv) -> (sqrt(bk) k, sqrt(bv) v); ``bv=None`` uses bk for v as well."""
+    """(k, v, bk, bv) -> (sqrt(bk) k, sqrt(bv) v); ``bv=None`` uses bk for v as well. Raises
+    ``ValueError`` naming the rate (``names``) when one lies outside (0, 1]."""
 
     @staticmethod
-    def forward(ctx, k, v, bk, bv):
+    def forward(ctx, k, v, bk, bv, names):
         k, v, bk = k.contiguous(), v.contiguous(), bk.contiguous()
         bv = bv.contiguous() if bv is not None else None
-        kt = _launch_fwd(k, bk)
-        vt = _launch_fwd(v, bk if bv is None else bv)
+        bad = torch.zeros(2, device=k.device, dtype=torch.int32)
+        kt = _launch_fwd(k, bk, bad[0:1])
+        vt = _launch_fwd(v, bk if bv is None else bv, None if bv is None else bad[1:2])
+        for name, n_bad in zip(names, bad.tolist()):  # (one host sync, as any data check needs)
+            if n_bad:
+                raise ValueError(f"{name}: rates must lie in (0, 1]")
         ctx.save_for_backward(k, v, bk, bv)
         ctx.shared = bv is None
         return kt, vt
@@ -98,17 +118,19 @@ class ScaledKV(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dkt, dvt):
         k, v, bk, bv = ctx.saved_tensors
-        dk, dbk = _launch_bwd(k, bk, dkt, None)
         if ctx.shared:
-            dv, dbk = _launch_bwd(v, bk, dvt, dbk)
+            dk, dbk = _launch_bwd(k, bk, dkt, None)
+            dv, dbk = _launch_bwd(v, bk, dvt, dbk, bk.dtype)
             dbv = None
         else:
-            dv, dbv = _launch_bwd(v, bv, dvt, None)
-            dbv = dbv.to(bv.dtype)
-        return dk, dv, dbk.to(bk.dtype), dbv
+            dk, dbk = _launch_bwd(k, bk, dkt, None, bk.dtype)
+            dv, dbv = _launch_bwd(v, bv, dvt, None, bv.dtype)
+        return dk, dv, dbk, dbv, None
 
 
-def scaled_kv(k, v, bk, bv):
+def scaled_kv(k, v, bk, bv, names=("bk", "bv")):
     """k~ = sqrt(bk) k, v~ = sqrt(bv) v (bv None: sqrt(bk) for both); bk ``[..., K]`` or ``[...]``,
-    bv ``[..., V]`` or ``[...]``. Differentiable; the outputs have k's and v's dtypes."""
-    return ScaledKV.apply(k, v, bk, bv)
+    bv ``[..., V]`` or ``[...]``. Differentiable; the outputs have k's and v's dtypes. Rates
+    outside (0, 1] (or NaN) raise ``ValueError`` naming them (``names``: bk's and bv's), checked
+    by the scaling kernel itself."""
+    return ScaledKV.apply(k, v, bk, bv, tuple(names))
