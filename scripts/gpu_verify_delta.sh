@@ -73,9 +73,9 @@ logs=$(ls "$out"/sweep_fwd_variants.log "$out"/sweep_bwd_variants.log 2>/dev/nul
 [ -n "$logs" ] && step apply 20 python3 scripts/apply_sweep_best.py $logs
 step fwd_kernels 60 python3 scripts/check_delta_fwd_kernels.py "$out"
 step gpu_tests 150 python3 -m pytest -q -s -rs -m gpu -p no:cacheprovider \
-    tests/ops/test_delta_rule.py tests/layers/test_delta_net.py
+    tests/ops/test_delta_rule.py tests/ops/test_delta_scaled.py tests/layers/test_delta_net.py
 step profile 150 python3 scripts/profile_delta_rule.py "$out" 2048,32768 fg2,fla_kda
-step bench 260 python3 -m catkit.cli bench delta_rule $bench_quick --out "$out"
+step bench 420 python3 -m catkit.cli bench delta_rule $bench_quick --out "$out"
 step sweep_fwd 400 python3 scripts/sweep_delta_fwd.py "$out" 2048,32768
 step sweep_bwd 400 python3 scripts/sweep_delta_bwd.py "$out" 2048
 echo "gpu_verify: done (exit $status, ${SECONDS}s); logs in $out"
