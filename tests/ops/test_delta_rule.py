@@ -316,3 +316,12 @@ def test_gpu_recurrent_decode_after_chunk_prefill(seed):
     print(f"recurrent decode after bf16 chunk prefill: o={e_o:.2e} state={e_s:.2e}")
     assert s.dtype == torch.float32
     assert e_o < 3e-2 and e_s < 3e-2, (e_o, e_s)
+
+
+def test_zero_length_batch_returns_empty_output_and_initial_state(seed):
+    """T = 0 (an empty batch of positions) is not an error: o is empty, the state passes through."""
+    x = _inputs(2, 0, 2, 16, 16)
+    o, s = chunk_fg2_delta_rule(x["q"], x["k"], x["v"], x["g"], x["bk"], initial_state=x["s0"],
+                                output_final_state=True)
+    assert o.shape == (2, 0, 2, 16)
+    torch.testing.assert_close(s, x["s0"].detach())

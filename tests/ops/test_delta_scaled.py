@@ -30,7 +30,9 @@ def test_scaled_kv_matches_plain_pytorch(seed, form, dtype, dev):
     bv = torch.rand(B, T, H, V) * 0.98 + 0.01 if form == "separate" else None
     ins = [t.to(dev, dtype).requires_grad_() if t is not None else None for t in (k, v, bk, bv)]
     ref = [t.detach().cpu().double().requires_grad_() if t is not None else None for t in ins]
-    out, exp = scaled_kv(*ins), _plain(*ref)
+    *out, check = scaled_kv(*ins)
+    check()
+    exp = _plain(*ref)
     dk, dv = torch.randn(out[0].shape), torch.randn(out[1].shape)
     (sum((o.float() * d.to(dev)).sum() for o, d in zip(out, (dk, dv)))).backward()
     (sum((o * d.double()).sum() for o, d in zip(exp, (dk, dv)))).backward()

@@ -14,6 +14,8 @@ initial state.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from catkit.ops.delta_rule.chunk_bwd import chunk_bwd
@@ -27,25 +29,48 @@ _FLOATS = (torch.float32, torch.bfloat16, torch.float16)
 
 
 # ----------------------------------------------------------------------------- host helpers
-def prepare_chunks(cu_seqlens: torch.Tensor, BT: int) -> dict:
-    """Chunk table for packed sequences: per chunk (sequence, chunk-in-sequence), and offsets."""
-    cu = cu_seqlens.to(torch.int64)
-    lens = cu[1:] - cu[:-1]
-    nch = (lens + BT - 1) // BT
+def prepare_chunks(cu_seqlens, BT: int, device=None) -> dict:
+    """Chunk table for packed sequences: per chunk (sequence, chunk-in-sequence), and offsets.
+
+    ``cu_seqlens``: the offsets as a host sequence (``device`` says where the table goes) or a
+    tensor (read once on the host). The table is built on the host, cached per (offsets, BT,
+    device) and uploaded in one copy from pinned memory: building it from device tensors took
+    three host syncs per call, each an idle GPU while the host caught up."""
+    if isinstance(cu_seqlens, torch.Tensor):
+        device = cu_seqlens.device if device is None else device
+        cu_seqlens = cu_seqlens.tolist()
+    return dict(_chunk_table(tuple(int(c) for c in cu_seqlens), BT, torch.device(device or "cpu")))
+
+
+def _pad4(x: torch.Tensor) -> torch.Tensor:
+    # 16-byte aligned segments: Triton specialises kernels on pointer alignment
+    return torch.cat([x, x.new_zeros(-x.numel() % 4)])
+
+
+@functools.lru_cache(maxsize=64)
+def _chunk_table(cu: tuple, BT: int, device: torch.device) -> dict:
+    cu_t = torch.tensor(cu, dtype=torch.int64)
+    nch = (cu_t[1:] - cu_t[:-1] + BT - 1) // BT
     offsets = torch.cat([nch.new_zeros(1), nch.cumsum(0)])
-    seq = torch.repeat_interleave(torch.arange(len(nch), device=cu.device), nch)
-    within = torch.arange(int(offsets[-1]), device=cu.device) - offsets[:-1][seq]
-    return dict(
-        cu_seqlens=cu.to(torch.int32).contiguous(),
-        chunk_indices=torch.stack([seq, within], 1).to(torch.int32).contiguous(),
-        chunk_offsets=offsets.to(torch.int32).contiguous(),
-        BT=BT,
-    )
+    NT = int(offsets[-1])
+    seq = torch.repeat_interleave(torch.arange(len(nch)), nch)
+    within = torch.arange(NT) - offsets[:-1][seq]
+    parts = [cu_t, torch.stack([seq, within], 1).flatten(), offsets]
+    host = torch.cat([_pad4(p.to(torch.int32)) for p in parts])
+    if device.type == "cuda":
+        host = host.pin_memory()
+    flat = host.to(device, non_blocking=True)
+    starts = [0]
+    for p in parts:
+        starts.append(starts[-1] + p.numel() + (-p.numel() % 4))
+    cu_d, ci, co = (flat[a:a + p.numel()] for a, p in zip(starts, parts))
+    return dict(cu_seqlens=cu_d, chunk_indices=ci.view(NT, 2), chunk_offsets=co, BT=BT)
 
 
 def validate(q, k, v, g, bk, bv, scale, initial_state, cu_seqlens, *, need_square: bool,
              rate_names=("bk", "bv")):
-    """Shape/dtype/device/range checks shared by the chunked and recurrent entry points."""
+    """Shape/dtype/device checks shared by the chunked and recurrent entry points; returns
+    ``B, T, H, K, V`` and the sequence offsets as a host tuple (fixed length: multiples of T)."""
     check_tensor("q", q, ndim=4, dtypes=_FLOATS)
     B, T, H, K = q.shape
     check_tensor("k", k, ndim=4, dtypes=_FLOATS, device=q.device)
@@ -79,7 +104,7 @@ def validate(q, k, v, g, bk, bv, scale, initial_state, cu_seqlens, *, need_squar
     # the rates' range, (0, 1], is checked by scaled_kv's kernel, which reads them anyway
     if scale is not None and not (isinstance(scale, (int, float)) and scale > 0):
         raise ValueError(f"scale: expected a positive number, got {scale!r}")
-    N = B
+    offsets = tuple(range(0, (B + 1) * T, T)) if T else (0,) * (B + 1)
     if cu_seqlens is not None:
         check_tensor("cu_seqlens", cu_seqlens, ndim=1, dtypes=(torch.int32, torch.int64), device=q.device)
         if B != 1:
@@ -87,12 +112,13 @@ def validate(q, k, v, g, bk, bv, scale, initial_state, cu_seqlens, *, need_squar
         cu = cu_seqlens.tolist()
         if len(cu) < 2 or cu[0] != 0 or cu[-1] != T or any(b <= a for a, b in zip(cu, cu[1:])):
             raise ValueError(f"cu_seqlens: expected strictly increasing offsets from 0 to T={T}, got {cu}")
-        N = len(cu) - 1
+        offsets = tuple(cu)
+    N = len(offsets) - 1
     if initial_state is not None:
         check_tensor("initial_state", initial_state, ndim=4, dtypes=_FLOATS + (torch.float64,), device=q.device)
         if tuple(initial_state.shape) != (N, H, K, V):
             raise ValueError(f"initial_state: expected shape {(N, H, K, V)}, got {tuple(initial_state.shape)}")
-    return B, T, H, K, V, N
+    return B, T, H, K, V, offsets
 
 
 def check_offsets(B, T, H, K, V, N, chunk_size):
@@ -109,12 +135,10 @@ class ChunkDeltaRuleFunction(torch.autograd.Function):
     """Symmetric delta rule on (q, k~, v~, g) -> (o, final_state); g is [B,T,H] or [B,T,H,K]."""
 
     @staticmethod
-    def forward(ctx, q, kt, vt, g, scale, initial_state, output_final_state, cu_seqlens, chunk_size):
+    def forward(ctx, q, kt, vt, g, scale, initial_state, output_final_state, offsets, chunk_size):
         B, T, H, K = q.shape
         V = vt.shape[-1]
-        if cu_seqlens is None:
-            cu_seqlens = torch.arange(0, (B + 1) * T, T, device=q.device, dtype=torch.int32)
-        meta = prepare_chunks(cu_seqlens, chunk_size)
+        meta = prepare_chunks(offsets, chunk_size, q.device)
         flat = lambda x: x.reshape(B * T, *x.shape[2:]).contiguous()  # noqa: E731
         qf, kf, vf, gf = flat(q), flat(kt), flat(vt), flat(g)
         h0 = initial_state.float().contiguous() if initial_state is not None else None
@@ -180,31 +204,36 @@ def chunk_fg2_delta_rule(q, k, v, g, bk, bv=None, *, scale=None, initial_state=N
         bk = torch.sigmoid(torch.randn(2, 1024, 4, 64, device="cuda"))
         o, s = chunk_fg2_delta_rule(q, k, v, g, bk, output_final_state=True)
     """
-    B, T, H, K, V, N = validate(q, k, v, g, bk, bv, scale, initial_state, cu_seqlens, need_square=True)
+    B, T, H, K, V, offsets = validate(q, k, v, g, bk, bv, scale, initial_state, cu_seqlens,
+                                      need_square=True)
     if chunk_size not in (16, 32, 64):
         raise ValueError(f"chunk_size: expected 16, 32 or 64, got {chunk_size}")
-    check_offsets(B, T, H, K, V, N, chunk_size)
+    check_offsets(B, T, H, K, V, len(offsets) - 1, chunk_size)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
-    kt, vt = scaled_kv(k, v, bk, bv)
-    return ChunkDeltaRuleFunction.apply(q, kt, vt, g, scale, initial_state, output_final_state,
-                                        cu_seqlens, chunk_size)
+    kt, vt, check_rates = scaled_kv(k, v, bk, bv)
+    out = ChunkDeltaRuleFunction.apply(q, kt, vt, g, scale, initial_state, output_final_state,
+                                       offsets, chunk_size)
+    check_rates()  # after the kernels are queued: the GPU does not idle for the host's read
+    return out
 
 
 def _beta_entry(q, k, v, g, beta, scale, initial_state, output_final_state, cu_seqlens, chunk_size,
                 g_ndim):
-    B, T, H, K, V, N = validate(q, k, v, g, beta, None, scale, initial_state, cu_seqlens,
-                                need_square=False, rate_names=("beta", "beta"))
+    B, T, H, K, V, offsets = validate(q, k, v, g, beta, None, scale, initial_state, cu_seqlens,
+                                      need_square=False, rate_names=("beta", "beta"))
     if beta.dim() != 3:
         raise ValueError(f"beta: expected a scalar rate per token and head, shape {tuple(q.shape[:3])}")
     if chunk_size not in (16, 32, 64):
         raise ValueError(f"chunk_size: expected 16, 32 or 64, got {chunk_size}")
-    check_offsets(B, T, H, K, V, N, chunk_size)
+    check_offsets(B, T, H, K, V, len(offsets) - 1, chunk_size)
     if g_ndim is not None and g.dim() != g_ndim:
         raise ValueError(f"g: expected {g_ndim} dims for this variant, got shape {tuple(g.shape)}")
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
-    kt, vt = scaled_kv(k, v, beta, None, names=("beta", "beta"))
-    return ChunkDeltaRuleFunction.apply(q, kt, vt, g, scale, initial_state, output_final_state,
-                                        cu_seqlens, chunk_size)
+    kt, vt, check_rates = scaled_kv(k, v, beta, None, names=("beta", "beta"))
+    out = ChunkDeltaRuleFunction.apply(q, kt, vt, g, scale, initial_state, output_final_state,
+                                       offsets, chunk_size)
+    check_rates()
+    return out
 
 
 def chunk_gated_delta_rule(q, k, v, g, beta, *, scale=None, initial_state=None,

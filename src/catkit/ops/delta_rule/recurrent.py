@@ -105,9 +105,11 @@ def fused_recurrent_fg2_delta_rule(q, k, v, g, bk, bv=None, *, scale=None, initi
     """
     validate(q, k, v, g, bk, bv, scale, initial_state, cu_seqlens, need_square=True)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
-    kt, vt = scaled_kv(k, v, bk, bv)
-    return FusedRecurrentFunction.apply(q, kt, vt, g, scale, initial_state, output_final_state,
-                                        cu_seqlens)
+    kt, vt, check_rates = scaled_kv(k, v, bk, bv)
+    out = FusedRecurrentFunction.apply(q, kt, vt, g, scale, initial_state, output_final_state,
+                                       cu_seqlens)
+    check_rates()  # after the kernel is queued: the GPU does not idle for the host's read
+    return out
 
 
 def fused_recurrent_gated_delta_rule(q, k, v, g, beta, *, scale=None, initial_state=None,
@@ -118,6 +120,8 @@ def fused_recurrent_gated_delta_rule(q, k, v, g, beta, *, scale=None, initial_st
     if beta.dim() != 3:
         raise ValueError(f"beta: expected a scalar rate per token and head, shape {tuple(q.shape[:3])}")
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
-    kt, vt = scaled_kv(k, v, beta, None, names=("beta", "beta"))
-    return FusedRecurrentFunction.apply(q, kt, vt, g, scale, initial_state, output_final_state,
-                                        cu_seqlens)
+    kt, vt, check_rates = scaled_kv(k, v, beta, None, names=("beta", "beta"))
+    out = FusedRecurrentFunction.apply(q, kt, vt, g, scale, initial_state, output_final_state,
+                                       cu_seqlens)
+    check_rates()
+    return out

@@ -120,24 +120,55 @@ def _launch_bwd(x, r, dy, dr, out_dtype=torch.float32, x2=None, dy2=None):
     return dx, dx2, dr_out
 
 
+class RateCheck:
+    """The rates' (0, 1] check without a GPU idle: the scaling kernel counts the bad rates into
+    ``counts``; ``start`` queues their copy to pinned host memory behind an event, and the call,
+    made once the work that uses k~ / v~ is queued too, waits for that event only, so the GPU keeps
+    running the queued kernels while the host reads two integers. A blocking read right after the
+    scaling kernel drained the queue instead (GPU idle while the host launched the next kernels).
+    Inside a CUDA graph capture no host read is possible: the range is then not checked."""
+
+    def __init__(self, names, device):
+        self.names = names
+        self.counts = torch.zeros(2, dtype=torch.int32, device=device)
+        self.host = self.event = None
+
+    def start(self):
+        if not self.counts.is_cuda:
+            self.host = self.counts
+        elif not torch.cuda.is_current_stream_capturing():
+            self.host = torch.empty(2, dtype=torch.int32, pin_memory=True)
+            self.host.copy_(self.counts, non_blocking=True)
+            self.event = torch.cuda.Event()
+            self.event.record()
+
+    def __call__(self):
+        """Raise ``ValueError`` naming the rate if any lay outside (0, 1] (NaN included)."""
+        if self.host is None:
+            return
+        if self.event is not None:
+            self.event.synchronize()
+        for name, n_bad in zip(self.names, self.host.tolist()):
+            if n_bad:
+                raise ValueError(f"{name}: rates must lie in (0, 1]")
+
+
 class ScaledKV(torch.autograd.Function):
-    """(k, v, bk, bv) -> (sqrt(bk) k, sqrt(bv) v); ``bv=None`` uses bk for v as well. Raises
-    ``ValueError`` naming the rate (``names``) when one lies outside (0, 1]."""
+    """(k, v, bk, bv) -> (sqrt(bk) k, sqrt(bv) v); ``bv=None`` uses bk for v as well. Counts the
+    rates outside (0, 1] into ``check`` (a :class:`RateCheck`)."""
 
     @staticmethod
-    def forward(ctx, k, v, bk, bv, names):
+    def forward(ctx, k, v, bk, bv, check):
         k, v, bk = k.contiguous(), v.contiguous(), bk.contiguous()
         bv = bv.contiguous() if bv is not None else None
-        bad = torch.zeros(2, device=k.device, dtype=torch.int32)
+        bad = check.counts
         ctx.pair = bv is None and k.shape == v.shape
         if ctx.pair:  # one pass over the shared rate
             kt, vt = _launch_fwd(k, bk, bad[0:1], x2=v)
         else:
             kt, _ = _launch_fwd(k, bk, bad[0:1])
             vt, _ = _launch_fwd(v, bk if bv is None else bv, None if bv is None else bad[1:2])
-        for name, n_bad in zip(names, bad.tolist()):  # (one host sync, as any data check needs)
-            if n_bad:
-                raise ValueError(f"{name}: rates must lie in (0, 1]")
+        check.start()
         ctx.save_for_backward(k, v, bk, bv)
         ctx.shared = bv is None
         return kt, vt
@@ -159,7 +190,11 @@ class ScaledKV(torch.autograd.Function):
 
 def scaled_kv(k, v, bk, bv, names=("bk", "bv")):
     """k~ = sqrt(bk) k, v~ = sqrt(bv) v (bv None: sqrt(bk) for both); bk ``[..., K]`` or ``[...]``,
-    bv ``[..., V]`` or ``[...]``. Differentiable; the outputs have k's and v's dtypes. Rates
-    outside (0, 1] (or NaN) raise ``ValueError`` naming them (``names``: bk's and bv's), checked
-    by the scaling kernel itself."""
-    return ScaledKV.apply(k, v, bk, bv, tuple(names))
+    bv ``[..., V]`` or ``[...]``. Differentiable; the outputs have k's and v's dtypes.
+
+    Returns ``(k~, v~, check)``: call ``check()`` once the work that uses k~ and v~ is queued; it
+    raises ``ValueError`` naming the rate (``names``: bk's and bv's) if any lay outside (0, 1] or
+    was NaN, as counted by the scaling kernel itself."""
+    check = RateCheck(tuple(names), k.device)
+    kt, vt = ScaledKV.apply(k, v, bk, bv, check)
+    return kt, vt, check
