@@ -3,7 +3,7 @@
 # at most $TOTAL seconds (default 400):
 #   1. fwd_kernels: every forward intermediate vs fp64 (names the kernel a miscompile comes from)
 #   2. gpu_tests:   gpu-marked delta-rule tests (kernels vs references, bf16 at full size)
-#   3. profile:     per-kernel profile + registers, fg2 vs fla KDA, T = 2K and 32K
+#   3. profile:     per-kernel profile + registers, fg2 vs fla KDA, T = 2K and 8K
 #                   (B*T = 32K, H = 16, K = V = 128, bf16)
 #   4. bench:       the delta_rule benchmark suite (--quick: T = 2K only; BENCH_FULL=1 for all T)
 #   5. sweep_fwd / sweep_bwd: every launch option of the forward / split backward kernels
@@ -74,7 +74,7 @@ logs=$(ls "$out"/sweep_fwd_variants.log "$out"/sweep_bwd_variants.log 2>/dev/nul
 step fwd_kernels 60 python3 scripts/check_delta_fwd_kernels.py "$out"
 step gpu_tests 150 python3 -m pytest -q -s -rs -m gpu -p no:cacheprovider \
     tests/ops/test_delta_rule.py tests/ops/test_delta_scaled.py tests/layers/test_delta_net.py
-step profile 150 python3 scripts/profile_delta_rule.py "$out" 2048,32768 fg2,fla_kda
+step profile 150 python3 scripts/profile_delta_rule.py "$out" 2048,8192 fg2,fla_kda
 step bench 420 python3 -m catkit.cli bench delta_rule $bench_quick --out "$out"
 step sweep_fwd 400 python3 scripts/sweep_delta_fwd.py "$out" 2048,32768
 step sweep_bwd 400 python3 scripts/sweep_delta_bwd.py "$out" 2048
