@@ -91,7 +91,6 @@ def naive_fg2_delta_rule(q, k, v, g, bk, bv=None, *, scale=None, initial_state=N
 def naive_gated_delta_rule(q, k, v, g, beta, *, scale=None, initial_state=None,
                            output_final_state=False, cu_seqlens=None):
     """GDN: scalar log-decay ``g [B,T,H]`` (a per-channel one is also accepted), scalar beta."""
-    K = q.shape[-1]
     dt = torch.float64 if q.dtype == torch.float64 else torch.float32
     a = k.to(dt) * beta.to(dt)[..., None]
     return naive_delta_rule_general(q, a, k, v, g, scale=scale, initial_state=initial_state,
