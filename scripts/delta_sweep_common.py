@@ -1,6 +1,7 @@
 """What the delta-rule variant sweeps (sweep_delta_fwd_variants.py, sweep_delta_bwd_variants.py)
-share: the shapes, the error bounds and the inputs. Import it before triton: with ``SMALL=1`` (or
-``--small``) on a machine without CUDA it turns on the Triton interpreter and tiny shapes."""
+share: the shapes, the error bounds, the inputs and the result line. Import it before triton:
+with ``SMALL=1`` (or ``--small``) on a machine without CUDA it turns on the Triton interpreter and
+tiny shapes."""
 
 import os
 import sys
@@ -37,3 +38,13 @@ def inputs(lens, decay=1.0, seed=0, dtype=torch.bfloat16):
              bk=torch.sigmoid(r(1, n, H, D)).to(dtype))
     cu = torch.tensor([0] + torch.tensor(lens).cumsum(0).tolist(), device=DEV, dtype=torch.int32)
     return x, cu, r(1, n, H, D).to(dtype), r(len(lens), H, D, D)
+
+
+def print_row(which, opt, row, width):
+    """One option's result line (the format scripts/apply_sweep_best.py reads)."""
+    ms = " ".join(f"{n}={v:.3f}ms" for n, v in row.get("ms", {}).items())
+    dflt = "/".join(f"{max(row[k]):.0e}" for k in row if k.startswith("err_vs_default"))
+    print(f"{which:{width}s} {opt} {ms} regs={row.get('n_regs')} spills={row.get('n_spills')} vs_default={dflt} "
+          f"err/bound={row.get('max_err_over_bound', float('nan')):.2f} "
+          f"err64={row.get('err64_decay0', float('nan')):.1e}/{row.get('err64_decay1', float('nan')):.1e} "
+          f"ok={row['ok']}" + (f" ERROR {row['error']}" if "error" in row else ""), flush=True)

@@ -34,7 +34,7 @@ def idle_gaps(prof, iters):
     """GPU idle per call: (ms idle between kernels, [(gap ms, kernel before, kernel after)])."""
     with tempfile.NamedTemporaryFile(suffix=".json") as f:
         prof.export_chrome_trace(f.name)
-        events = json.load(open(f.name))["traceEvents"]
+        events = json.load(f)["traceEvents"]
     ks = sorted((e["ts"], e["ts"] + e["dur"], e["name"][:50]) for e in events
                 if e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset"))
     gaps, end = [], ks[0][1]

@@ -30,7 +30,7 @@ import time
 import torch
 
 # before triton: SMALL=1 without CUDA turns on the interpreter
-from delta_sweep_common import BOUND64, BOUND_DEFAULT, CHECK_LENS, D, DEV, H, SHAPES, SMALL, inputs
+from delta_sweep_common import BOUND64, BOUND_DEFAULT, CHECK_LENS, D, DEV, H, SHAPES, SMALL, inputs, print_row
 
 import triton  # noqa: E402
 
@@ -176,12 +176,7 @@ def main():
             row["max_err_over_bound"] = err
         except Exception as ex:  # noqa: BLE001 - out of resources / compile error: record, go on
             row.update(ok=False, error=f"{type(ex).__name__}: {str(ex)[:300]}")
-        ms = " ".join(f"{n}={v:.3f}ms" for n, v in row.get("ms", {}).items())
-        dflt = "/".join(f"{max(row[k]):.0e}" for k in row if k.startswith("err_vs_default"))
-        print(f"{which:5s} {opt} {ms} regs={row.get('n_regs')} spills={row.get('n_spills')} vs_default={dflt} "
-              f"err/bound={row.get('max_err_over_bound', float('nan')):.2f} "
-              f"err64={row.get('err64_decay0', float('nan')):.1e}/{row.get('err64_decay1', float('nan')):.1e} "
-              f"ok={row['ok']}" + (f" ERROR {row['error']}" if "error" in row else ""), flush=True)
+        print_row(which, opt, row, 5)
     os.makedirs(out_dir, exist_ok=True)
     with open(os.path.join(out_dir, "sweep-bwd.json"), "w") as f:
         json.dump(dict(device=torch.cuda.get_device_name() if DEV == "cuda" else "cpu",

@@ -46,7 +46,7 @@ import time
 import torch
 
 # before triton: SMALL=1 without CUDA turns on the interpreter
-from delta_sweep_common import BOUND64, BOUND_DEFAULT, CHECK_LENS, D, DEV, H, SHAPES, SMALL, inputs
+from delta_sweep_common import BOUND64, BOUND_DEFAULT, CHECK_LENS, D, DEV, H, SHAPES, SMALL, inputs, print_row
 
 import triton  # noqa: E402
 
@@ -360,12 +360,7 @@ def main():
                 print(f"{which:6s} {opt} CUDA_ERROR {str(ex)[:120]}; rerun with RESUME=1", flush=True)
                 sys.exit(3)
         dump()
-        ms = " ".join(f"{n}={v:.3f}ms" for n, v in row.get("ms", {}).items())
-        dflt = "/".join(f"{max(row[k]):.0e}" for k in row if k.startswith("err_vs_default"))
-        print(f"{which:6s} {opt} {ms} regs={row.get('n_regs')} spills={row.get('n_spills')} vs_default={dflt} "
-              f"err/bound={row.get('max_err_over_bound', float('nan')):.2f} "
-              f"err64={row.get('err64_decay0', float('nan')):.1e}/{row.get('err64_decay1', float('nan')):.1e} "
-              f"ok={row['ok']}" + (f" ERROR {row['error']}" if "error" in row else ""), flush=True)
+        print_row(which, opt, row, 6)
 
     best = {}
 

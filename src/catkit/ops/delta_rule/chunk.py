@@ -39,12 +39,7 @@ def prepare_chunks(cu_seqlens, BT: int, device=None) -> dict:
     if isinstance(cu_seqlens, torch.Tensor):
         device = cu_seqlens.device if device is None else device
         cu_seqlens = cu_seqlens.tolist()
-    return dict(_chunk_table(tuple(int(c) for c in cu_seqlens), BT, torch.device(device or "cpu")))
-
-
-def _pad4(x: torch.Tensor) -> torch.Tensor:
-    # 16-byte aligned segments: Triton specialises kernels on pointer alignment
-    return torch.cat([x, x.new_zeros(-x.numel() % 4)])
+    return dict(_chunk_table(tuple(cu_seqlens), BT, torch.device(device or "cpu")))
 
 
 @functools.lru_cache(maxsize=64)
@@ -56,14 +51,13 @@ def _chunk_table(cu: tuple, BT: int, device: torch.device) -> dict:
     seq = torch.repeat_interleave(torch.arange(len(nch)), nch)
     within = torch.arange(NT) - offsets[:-1][seq]
     parts = [cu_t, torch.stack([seq, within], 1).flatten(), offsets]
-    host = torch.cat([_pad4(p.to(torch.int32)) for p in parts])
+    # each part padded to 16 bytes: Triton specialises kernels on pointer alignment
+    padded = [torch.cat([p, p.new_zeros(-p.numel() % 4)]).to(torch.int32) for p in parts]
+    host = torch.cat(padded)
     if device.type == "cuda":
         host = host.pin_memory()
     flat = host.to(device, non_blocking=True)
-    starts = [0]
-    for p in parts:
-        starts.append(starts[-1] + p.numel() + (-p.numel() % 4))
-    cu_d, ci, co = (flat[a:a + p.numel()] for a, p in zip(starts, parts))
+    cu_d, ci, co = (x[:p.numel()] for x, p in zip(flat.split([x.numel() for x in padded]), parts))
     return dict(cu_seqlens=cu_d, chunk_indices=ci.view(NT, 2), chunk_offsets=co, BT=BT)
 
 

@@ -111,12 +111,9 @@ def _launch_bwd(x, r, dy, dr, out_dtype=torch.float32, x2=None, dy2=None):
     dx = torch.empty_like(x)
     dx2 = dx if x2 is None else torch.empty_like(x2)
     acc = dr is not None
-    if out_dtype != torch.float32 or dr is None:
-        dr_out = torch.empty(r.shape, device=r.device, dtype=out_dtype)
-    else:
-        dr_out = dr
-    scale_bwd_kernel[grid](x, x if x2 is None else x2, r, dy, dy2, dx, dx2, dr_out if dr is None else dr,
-                           dr_out, ACC=acc, PAIR=x2 is not None, **meta)
+    dr_out = dr if acc and out_dtype == torch.float32 else torch.empty(r.shape, device=r.device, dtype=out_dtype)
+    scale_bwd_kernel[grid](x, x if x2 is None else x2, r, dy, dy2, dx, dx2, dr if acc else dr_out, dr_out,
+                           ACC=acc, PAIR=x2 is not None, **meta)
     return dx, dx2, dr_out
 
 
