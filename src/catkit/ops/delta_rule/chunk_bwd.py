@@ -31,7 +31,7 @@ import triton.language as tl
 from catkit.ops.delta_rule.chunk_fwd import (_mm, _seq_bounds, _stages, launch, precisions,
                                              vtile_options)
 # one bf16-rounding product helper and one hook-ordering helper for the forward and the backward
-from catkit.ops.delta_rule.chunk_fwd_state import _mm_rnd, best_first
+from catkit.ops.delta_rule.chunk_fwd_state import _mm_rnd, _seq_span, best_first
 
 
 @triton.jit
@@ -40,12 +40,7 @@ def chunk_bwd_state_kernel(QG, KD, W, G, do, dvn, dh, dht, dh0, cu_seqlens, chun
                            BK: tl.constexpr, BV: tl.constexpr, HAS_DHT: tl.constexpr,
                            STORE_DH0: tl.constexpr, OP_BF16: tl.constexpr, DOT_PREC: tl.constexpr):
     i_v, i_nh = tl.program_id(0), tl.program_id(1)
-    i_n = i_nh // H
-    i_h = i_nh % H
-    bos = tl.load(cu_seqlens + i_n)
-    eos = tl.load(cu_seqlens + i_n + 1)
-    boh = tl.load(chunk_offsets + i_n)
-    NC = tl.cdiv(eos - bos, BT)
+    i_n, i_h, bos, eos, boh, NC = _seq_span(cu_seqlens, chunk_offsets, i_nh, H, BT)
     rows = tl.arange(0, BT)
     ck = tl.arange(0, BK)
     cv = i_v * BV + tl.arange(0, BV)

@@ -68,6 +68,16 @@ def _state_uload(U, t0, eos, i_h, cv, H: tl.constexpr, V: tl.constexpr, BT: tl.c
 
 
 @triton.jit
+def _seq_span(cu_seqlens, chunk_offsets, i_nh, H: tl.constexpr, BT: tl.constexpr):
+    """A state pass's program walks one (sequence, head): (sequence, head, first token, end, index
+    of its first chunk-start state, number of chunks)."""
+    i_n = i_nh // H
+    bos = tl.load(cu_seqlens + i_n)
+    eos = tl.load(cu_seqlens + i_n + 1)
+    return i_n, i_nh % H, bos, eos, tl.load(chunk_offsets + i_n), tl.cdiv(eos - bos, BT)
+
+
+@triton.jit
 def chunk_fwd_state_kernel(U, W, KD, G, vn, h, h0, ht, cu_seqlens, chunk_offsets,
                            H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
                            BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
@@ -84,12 +94,7 @@ def chunk_fwd_state_kernel(U, W, KD, G, vn, h, h0, ht, cu_seqlens, chunk_offsets
     # under Triton 3.6 (H100: BV 16 and 32 at 4 warps, BV 32 at 8 warps with KSPLIT 1), not at the
     # BV 64 / 4 warps of STATE_BEST; the sweep runs every other tiling last (state_sweep_options).
     i_v, i_nh = tl.program_id(0), tl.program_id(1)
-    i_n = i_nh // H
-    i_h = i_nh % H
-    bos = tl.load(cu_seqlens + i_n)
-    eos = tl.load(cu_seqlens + i_n + 1)
-    boh = tl.load(chunk_offsets + i_n)
-    NC = tl.cdiv(eos - bos, BT)
+    i_n, i_h, bos, eos, boh, NC = _seq_span(cu_seqlens, chunk_offsets, i_nh, H, BT)
     rows = tl.arange(0, BT)
     BKH: tl.constexpr = BK // KSPLIT
     ck0 = tl.arange(0, BKH)
